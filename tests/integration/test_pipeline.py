@@ -1,0 +1,216 @@
+"""run-folder end to end: real and synthetic DICOM files through every stage into the DB and the outbox."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import SHARED_DATA
+from tests.integration import throwaway_postgres_database
+from tests.synth import write_dicom
+from xraybatch.db import session as db_session
+from xraybatch.db.export import ResultFilter, iter_rows
+from xraybatch.pipeline import Processor, run_folder
+from xraybatch.settings import Settings, load_settings
+
+
+def _settings(tmp_path: Path, bundles: Path, **sections: dict[str, object]) -> Settings:
+    return load_settings(
+        None, {"workdir": tmp_path / "work", "model": {"bundles": [str(bundles)]}, **sections}, environ={}
+    )
+
+
+def _rows(settings: Settings, what: str = "instances") -> list[dict[str, object]]:
+    with db_session.make_sessionmaker(db_session.make_engine(settings.db_url))() as s:
+        return list(iter_rows(s, what, ResultFilter()))  # type: ignore[arg-type]
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.shared_data
+def test_real_files_end_to_end(tmp_path: Path, tiny_bundles: Path) -> None:
+    source = SHARED_DATA / "dicom"
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent: the shared data folder is not next to this checkout")
+    inbox = tmp_path / "in"
+    shutil.copytree(source, inbox, ignore=shutil.ignore_patterns("*.txt"))
+    (inbox / "empty").write_bytes(b"")
+    (inbox / "notes.txt").write_text("not an image")
+    data = (source / "pydicom_data_wg04" / "RG1_UNCR.dcm").read_bytes()
+    (inbox / "truncated").write_bytes(data[: len(data) // 2])
+
+    settings = _settings(tmp_path, tiny_bundles)
+    summary = run_folder(inbox, settings)
+
+    by_name = {Path(str(r["path"])).name: r for r in _rows(settings)}
+    assert len(by_name) == summary.files == 14
+    states = {name: r["state"] for name, r in by_name.items()}
+    assert states == {
+        "RG1_J2KI.dcm": "done",
+        "RG1_J2KR.dcm": "done",
+        "RG1_UNCI.dcm": "duplicate",
+        "RG1_UNCR.dcm": "done",
+        "RG3_J2KI.dcm": "not_applicable",
+        "RG3_J2KR.dcm": "not_applicable",
+        "RG3_UNCI.dcm": "duplicate",
+        "RG3_UNCR.dcm": "not_applicable",
+        "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm": "done",
+        "Fake_MONOHR1.dcm": "duplicate",
+        "dx_image.dcm": "done",
+        "empty": "rejected",
+        "notes.txt": "rejected",
+        "truncated": "rejected",
+    }
+    assert "BodyPartExamined 'EXTREMITY'" in str(by_name["RG3_UNCR.dcm"]["reason"])
+    assert "empty file" in str(by_name["empty"]["reason"])
+    assert "not a DICOM file" in str(by_name["notes.txt"]["reason"])
+
+    # Lossless JPEG 2000 and uncompressed copies of one image give the same probabilities.
+    preds = _rows(settings, "predictions")
+    uid = {name: by_name[name]["sop_instance_uid"] for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm")}
+    prob = {
+        name: {(p["model"], p["target"]): p["probability"] for p in preds if p["sop_instance_uid"] == u}
+        for name, u in uid.items()
+    }
+    assert len(prob["RG1_UNCR.dcm"]) == 16  # 1 binary + 15 multi-label targets
+    for key, value in prob["RG1_UNCR.dcm"].items():
+        assert abs(value - prob["RG1_J2KR.dcm"][key]) < 1e-3  # type: ignore[operator]
+
+    # One SR and one SC per processed instance, each referencing its source.
+    outputs = sorted(settings.outbox.rglob("*.dcm"))
+    assert len(outputs) == 2 * summary.counts["done"] == 10
+    done_uids = {r["sop_instance_uid"] for r in by_name.values() if r["state"] == "done"}
+    referenced: dict[str, list[str]] = {}
+    for path in outputs:
+        ds = dcmread(path)
+        assert "not for diagnostic use" in ds.SeriesDescription.lower()
+        ref = (
+            ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+            if "SourceImageSequence" in ds
+            else (
+                ds.CurrentRequestedProcedureEvidenceSequence[0]
+                .ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence[0]
+                .ReferencedSOPInstanceUID
+            )
+        )
+        referenced.setdefault(ref, []).append(ds.Modality)
+        if shutil.which("dciodvfy"):
+            assert _dciodvfy_errors(path) == [], path
+    assert set(referenced) == done_uids
+    assert all(sorted(kinds) == ["OT", "SR"] for kinds in referenced.values()), referenced
+
+    # A second run over the same folder processes nothing again.
+    again = run_folder(inbox, settings)
+    assert again.counts.get("done", 0) == 0 and again.counts["duplicate"] >= 10
+    assert len(sorted(settings.outbox.rglob("*.dcm"))) == 10
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The results DB for a pipeline test: a SQLite file, or a throwaway database on the real PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'results.sqlite'}"
+    else:
+        with throwaway_postgres_database() as url:
+            yield url
+
+
+def test_synthetic_batch_every_file_one_state(
+    tmp_path: Path, tiny_bundles: Path, dicom_factory: Callable[..., Path], db_url: str
+) -> None:
+    for i in range(5):
+        dicom_factory(f"chest{i}", photometric="MONOCHROME1" if i % 2 else "MONOCHROME2")
+    dicom_factory("lateral", view="LL")
+    dicom_factory("ct", modality="CT")
+    (tmp_path / "in" / "garbage").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 300)
+    settings = _settings(tmp_path, tiny_bundles, pipeline={"batch_size": 3}, db={"url": db_url})
+    summary = run_folder(tmp_path / "in", settings)
+    assert summary.counts == {"done": 5, "not_applicable": 2, "rejected": 1}
+    rows = _rows(settings)
+    assert len(rows) == 8 and all(r["reason"] for r in rows if r["state"] != "done")
+    assert len(_rows(settings, "predictions")) == 5 * 16
+    assert len(list(settings.outbox.rglob("*.dcm"))) == 10
+    # Same folder again: every file is now a duplicate, nothing is written twice.
+    assert run_folder(tmp_path / "in", settings).counts == {"duplicate": 7, "rejected": 1}
+    assert len(list(settings.outbox.rglob("*.dcm"))) == 10 and len(_rows(settings, "predictions")) == 80
+
+
+def test_internal_error_fails_one_file_and_the_run_goes_on(
+    tmp_path: Path,
+    tiny_bundles: Path,
+    dicom_factory: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from xraybatch import preprocess
+
+    first = dicom_factory("a")
+    dicom_factory("b")
+    real = preprocess.to_display
+
+    def flaky(image, cfg):  # type: ignore[no-untyped-def]
+        if image.header.path == first:
+            raise RuntimeError("boom")
+        return real(image, cfg)
+
+    monkeypatch.setattr(preprocess, "to_display", flaky)
+    settings = _settings(
+        tmp_path, tiny_bundles, pipeline={"decode_processes": 1}
+    )  # the patch lives in this process
+    summary = run_folder(tmp_path / "in", settings)
+    assert summary.counts == {"failed": 1, "done": 1}
+    failed = [r for r in _rows(settings) if r["state"] == "failed"]
+    assert "RuntimeError: boom" in str(failed[0]["reason"])
+    assert "unexpected error" in caplog.text
+    # A failed instance is retried by the next run.
+    monkeypatch.setattr(preprocess, "to_display", real)
+    assert run_folder(tmp_path / "in", settings).counts == {"done": 1, "duplicate": 1}
+
+
+def test_no_patient_data_in_logs(
+    tmp_path: Path, tiny_bundles: Path, dicom_factory: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    dicom_factory("Synthetic_SYN-0001_19700101")  # file names may carry patient data too
+    dicom_factory("lat", view="LL")
+    write_dicom(tmp_path / "in" / "tiny", pixels=__import__("numpy").zeros((8, 8), "uint16"))
+    (tmp_path / "in" / "Test^Synthetic.txt").write_text("not DICOM")
+    run_folder(tmp_path / "in", _settings(tmp_path, tiny_bundles))
+    text = caplog.text + " ".join(str(r.__dict__) for r in caplog.records)
+    for secret in ("Test^Synthetic", "SYN-0001", "19700101"):
+        assert secret not in text
+    assert "rejected file:" in caplog.text  # a file without a readable header is named by its path digest
+
+
+def test_processor_reports_missing_models(tmp_path: Path) -> None:
+    from xraybatch.errors import ModelError
+
+    (tmp_path / "none").mkdir()
+    settings = load_settings(
+        None, {"workdir": tmp_path, "model": {"bundles": [str(tmp_path / "none")]}}, environ={}
+    )
+    with pytest.raises(ModelError, match="no model bundle found"):
+        Processor.open(settings)
+    assert not (tmp_path / "outbox").exists()
+
+
+def test_no_patient_data_in_warnings(
+    tmp_path: Path, tiny_bundles: Path, dicom_factory: Callable[..., Path], recwarn: pytest.WarningsRecorder
+) -> None:
+    dicom_factory(
+        "a", PatientName="Doe", ReferringPhysicianName="ward"
+    )  # one-component names make highdicom warn
+    assert run_folder(tmp_path / "in", _settings(tmp_path, tiny_bundles)).counts == {"done": 1}
+    messages = " ".join(str(w.message) for w in recwarn)
+    assert '"Doe"' not in messages and '"ward"' not in messages

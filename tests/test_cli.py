@@ -1,0 +1,110 @@
+"""The CLI contract: every command documented with an example, errors as `Error: ...`, run-folder and export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from xraybatch.cli import main
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    for name, command in group.commands.items():
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _commands(main)], ids=" ".join)
+def test_every_command_has_help_with_an_example(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example:" in result.output
+
+
+def test_run_folder_without_models_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(
+        main, ["run-folder", str(tmp_path / "in"), "--workdir", str(tmp_path / "w"), "--bundle", str(tmp_path / "empty")]
+    )
+    assert result.exit_code == 1
+    assert "Error: no model bundle found" in result.output
+
+
+def test_bad_config_is_reported(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[ingest]\nmodality = ['CR']\n")
+    result = CliRunner().invoke(main, ["config", "show", "--config", str(cfg)])
+    assert result.exit_code == 1 and "Error: unknown setting [ingest] 'modality'" in result.output
+
+
+def test_config_show_reflects_flags(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["config", "show", "--workdir", str(tmp_path), "--db", "sqlite:///x.db"])
+    assert result.exit_code == 0
+    assert f'workdir = "{tmp_path}"' in result.output and 'url = "sqlite:///x.db"' in result.output
+
+
+def test_models_list(tiny_bundles: Path) -> None:
+    result = CliRunner().invoke(main, ["models", "list", "--bundle", str(tiny_bundles)])
+    assert result.exit_code == 0, result.output
+    assert "tiny-binary" in result.output and "tiny-multilabel" in result.output and "sha256 ok" in result.output
+
+
+def test_run_folder_and_export(tmp_path: Path, tiny_bundles: Path, dicom_factory: Callable[..., Path]) -> None:
+    dicom_factory("a")
+    dicom_factory("b", view="LL")
+    (tmp_path / "in" / "c").write_text("text")
+    work = tmp_path / "work"
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["run-folder", str(tmp_path / "in"), "--workdir", str(work), "--bundle", str(tiny_bundles), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 files" in result.output and "throughput" in result.output
+
+    result = runner.invoke(main, ["results", "export", "--workdir", str(work), "--what", "predictions", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 16
+    required = {"sop_instance_uid", "study_instance_uid", "model", "model_version", "target", "probability",
+                "threshold", "positive"}
+    assert required <= set(rows[0])
+    assert {r["positive"] for r in rows} <= {"true", "false"}
+    assert {r["model"] for r in rows} == {"tiny-binary", "tiny-multilabel"}
+
+    out = tmp_path / "instances.json"
+    result = runner.invoke(main, ["results", "export", "--workdir", str(work), "--what", "instances", "--format",
+                                  "json", "--out", str(out), "--state", "not_applicable"])
+    assert result.exit_code == 0, result.output
+    instances = json.loads(out.read_text())
+    assert [i["state"] for i in instances] == ["not_applicable"]
+    assert {"path", "sop_instance_uid", "state", "reason"} <= set(instances[0])
+    assert "ViewPosition 'LL'" in instances[0]["reason"]
+
+    result = runner.invoke(main, ["results", "list", "--workdir", str(work)])
+    assert result.exit_code == 0 and "rejected" in result.output
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-format", "json", "watch", "/in", "--workers", "3", "--db", "postgresql://h/db"],
+        ["watch", "--workers=3", "/in"],
+        ["watch", "/in", "--workers", "3"],
+    ],
+)
+def test_watch_workers_rewrite_starts_single_worker_children(argv: list[str]) -> None:
+    from xraybatch.cli import single_worker_argv
+
+    child = single_worker_argv(argv)
+    assert child[-2:] == ["--workers", "1"]
+    assert "3" not in child and "--workers=3" not in child
+    assert [a for a in child[:-2]] == [a for a in argv if a not in ("--workers", "3", "--workers=3")]

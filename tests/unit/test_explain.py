@@ -1,0 +1,67 @@
+"""Grad-CAM through the head only must equal pytorch-grad-cam's full backward, and be finite and non-zero."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_tiny_bundle
+from xraybatch.domain import ModelInput, Prediction
+from xraybatch.explain import choose_targets, gradcam, head_cams
+from xraybatch.infer import Predictor, to_tensor
+from xraybatch.models.findings import NIH_TARGETS
+from xraybatch.models.registry import read_bundle
+from xraybatch.settings import ExplainConfig
+
+
+def _image(size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((size, size), dtype=np.float32)
+
+
+@pytest.mark.parametrize("targets", [[0], [3, 7, 14]])
+def test_head_only_cam_matches_full_backward(tmp_path: Path, targets: list[int]) -> None:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    bundle = make_tiny_bundle(tmp_path / "b", name="m", task="multilabel", targets=NIH_TARGETS, size=64)
+    predictor = Predictor(read_bundle(bundle))
+    inp = ModelInput(pixels=_image(64), source_shape=(64, 64))
+    features = predictor.forward([inp])
+    fast = head_cams(predictor, features.activations, targets)
+
+    batch = to_tensor([inp.pixels] * len(targets), predictor.spec.input)
+    with GradCAM(model=predictor.net, target_layers=[predictor.net.features[-1]]) as cam:
+        full = cam(input_tensor=batch, targets=[ClassifierOutputTarget(t) for t in targets])
+
+    assert fast.shape == (len(targets), 16, 16)
+    assert np.isfinite(fast).all() and (fast.max(axis=(1, 2)) > 0).all()
+    # pytorch-grad-cam resizes each layer's map to the input size, then min-max normalises once more.
+    upsampled = scale_cam_image(scale_cam_image(fast, (64, 64)))
+    np.testing.assert_allclose(upsampled, full, atol=1e-4)
+
+
+def test_choose_targets_positive_only_ranked_and_capped() -> None:
+    preds = [
+        Prediction("a", "1", ("Pneumonia",), (0.9,), (0.5,)),
+        Prediction("b", "1", ("Effusion", "Mass", "No Finding", "Nodule"), (0.6, 0.95, 0.99, 0.2), (0.5,) * 4),
+    ]
+    assert choose_targets(preds, ExplainConfig(max_findings=3)) == [(1, 1), (0, 0), (1, 0)]
+    assert choose_targets(preds, ExplainConfig(max_findings=1)) == [(1, 1)]
+    assert choose_targets(preds, ExplainConfig(enabled=False)) == []
+
+
+def test_gradcam_maps_onto_source_grid(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b", thresholds={"Pneumonia": 0.0})
+    predictor = Predictor(read_bundle(bundle))
+    inp = ModelInput(pixels=_image(64), source_shape=(300, 250))
+    features = predictor.forward([inp])
+    preds = predictor.to_predictions(features)
+    maps = gradcam([predictor], [features], 0, inp, preds, ExplainConfig())
+    assert len(maps) == 1 and maps[0].target == "Pneumonia"
+    assert maps[0].values.shape == (300, 250)
+    assert np.isfinite(maps[0].values).all() and maps[0].values.max() > 0 and maps[0].values.min() >= 0
+    assert torch.is_grad_enabled()  # Grad-CAM leaves the global autograd state as it found it

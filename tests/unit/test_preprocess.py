@@ -1,0 +1,120 @@
+"""Known pixel values through modality LUT, VOI (window or LUT), percentile window and MONOCHROME1 inversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from tests.conftest import shared_file
+from tests.synth import make_dataset
+from xraybatch import ingest, preprocess
+from xraybatch.domain import DisplayImage, InstanceHeader, XrayImage
+from xraybatch.settings import IngestConfig, PreprocessConfig
+
+CFG = PreprocessConfig()
+RAMP = np.array([[0, 100, 200, 300]], dtype=np.uint16).repeat(4, axis=0)
+
+
+def _image(ds: Dataset, pixels: np.ndarray) -> XrayImage:
+    header = InstanceHeader(
+        path=Path("mem"), sop_instance_uid="1.2", sop_class_uid="1.2", study_instance_uid="1.2",
+        series_instance_uid="1.2", accession_number="", patient_id="", modality="CR", body_part="CHEST",
+        view_position="PA", photometric_interpretation=ds.PhotometricInterpretation,
+        rows=pixels.shape[0], columns=pixels.shape[1], transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+    return XrayImage(header=header, dataset=ds, pixels=pixels)
+
+
+def _window(photometric: str, **attrs: object) -> DisplayImage:
+    ds = make_dataset(RAMP, photometric=photometric, bits_stored=12, **attrs)
+    return preprocess.to_display(_image(ds, RAMP), CFG)
+
+
+def test_rescale_then_linear_window() -> None:
+    # Modality LUT: 2 * stored -> [0, 200, 400, 600]. LINEAR window c=300, w=401 (PS3.3 C.11.2.1.2.1):
+    # y = ((x - 299.5) / 400 + 0.5), clipped to [0, 1].
+    out = _window("MONOCHROME2", RescaleSlope=2, RescaleIntercept=0, WindowCenter=300, WindowWidth=401)
+    np.testing.assert_allclose(out.pixels[0], [0.0, 0.25125, 0.75125, 1.0], atol=1e-6)
+    assert "rescale slope/intercept applied" in out.notes and "window center/width applied" in out.notes
+
+
+def test_monochrome1_is_inverted_after_voi() -> None:
+    out = _window("MONOCHROME1", RescaleSlope=2, RescaleIntercept=0, WindowCenter=300, WindowWidth=401)
+    np.testing.assert_allclose(out.pixels[0], [1.0, 0.74875, 0.24875, 0.0], atol=1e-6)
+    assert out.notes[-1] == "MONOCHROME1 inverted"
+
+
+def test_voi_lut_sequence_preferred() -> None:
+    ds = make_dataset(RAMP, bits_stored=12, WindowCenter=150, WindowWidth=300)
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]  # 4 entries, first input value 0, 8-bit output
+    item.LUTData = [0, 51, 102, 255]
+    ds.VOILUTSequence = [item]
+    lut_ramp = np.array([[0, 1, 2, 3]], dtype=np.uint16)
+    out = preprocess.to_display(_image(ds, lut_ramp), CFG)
+    np.testing.assert_allclose(out.pixels[0], [0.0, 0.2, 0.4, 1.0], atol=1e-6)
+    assert "VOI LUT applied" in out.notes
+
+
+def test_percentile_window_without_voi() -> None:
+    pixels = np.arange(1000, dtype=np.uint16).reshape(25, 40)
+    out = preprocess.to_display(_image(make_dataset(pixels), pixels), CFG)
+    low, high = np.percentile(pixels, [0.5, 99.5])  # 4.995 and 994.005
+    np.testing.assert_allclose(out.pixels.ravel()[[0, 500, 999]], [0.0, (500 - low) / (high - low), 1.0], atol=1e-6)
+    assert out.notes == ("no VOI in file: percentile window 0.5-99.5",)
+
+
+def test_8bit_training_picture_equals_monochrome2_dicom_of_it() -> None:
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (64, 80), dtype=np.uint8)
+    from_dicom = preprocess.to_display(_image(make_dataset(picture, bits_stored=8), picture), CFG)
+    from_jpeg = preprocess.from_8bit(picture, CFG)
+    np.testing.assert_array_equal(from_dicom.pixels, from_jpeg.pixels)
+    size = (32, 32)
+    np.testing.assert_array_equal(
+        preprocess.to_model_input(from_dicom, size).pixels, preprocess.to_model_input(from_jpeg, size).pixels
+    )
+
+
+def test_constant_image_is_rejected() -> None:
+    from xraybatch.errors import InvalidInputError
+
+    flat = np.full((8, 8), 7, np.uint16)
+    with pytest.raises(InvalidInputError, match="no contrast"):
+        preprocess.to_display(_image(make_dataset(flat), flat), CFG)
+
+
+def test_resample_averages_and_keeps_range() -> None:
+    checker = (np.indices((64, 64)).sum(axis=0) % 2).astype(np.float32)  # worst case for aliasing
+    small = preprocess.resample(checker, (16, 16))
+    np.testing.assert_allclose(small, 0.5, atol=1e-6)  # BinShrink averages instead of sampling
+    ramp = np.linspace(0, 1, 100, dtype=np.float32)[None].repeat(50, axis=0)
+    assert preprocess.resample(ramp, (25, 200)).shape == (25, 200)
+
+
+@pytest.mark.parametrize(
+    ("name", "lung_darker"),
+    [("RG1_UNCI.dcm", True), ("RG1_J2KI.dcm", True)],
+)
+def test_real_monochrome1_cr_displays_bone_bright(name: str, lung_darker: bool) -> None:
+    from pydicom.data import get_testdata_file
+
+    header, _ = ingest.read_header(Path(get_testdata_file(name)), IngestConfig())
+    out = preprocess.to_display(ingest.read(header), CFG)
+    assert out.pixels.dtype == np.float32 and 0.0 <= out.pixels.min() and out.pixels.max() <= 1.0
+    assert "MONOCHROME1 inverted" in out.notes and "window center/width applied" in out.notes
+    h, w = out.pixels.shape
+    lungs = out.pixels[h // 4 : h // 2, w // 5 : w // 3].mean()  # right lung field
+    spine = out.pixels[h // 4 : h // 2, int(w * 0.47) : int(w * 0.53)].mean()
+    assert (lungs < spine) == lung_darker  # air is dark, mediastinum/spine bright
+
+
+def test_relabelled_monochrome1_is_the_inverse() -> None:
+    normal = shared_file("dicom/torchxrayvision_tests/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
+    fake = shared_file("dicom/torchxrayvision_tests/Fake_MONOHR1.dcm")
+    a = preprocess.to_display(ingest.read(ingest.read_header(normal, IngestConfig())[0]), CFG)
+    b = preprocess.to_display(ingest.read(ingest.read_header(fake, IngestConfig())[0]), CFG)
+    np.testing.assert_allclose(a.pixels, 1.0 - b.pixels, atol=1e-6)

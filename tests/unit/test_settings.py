@@ -1,0 +1,60 @@
+"""Settings precedence (defaults < TOML < environment < flags) and fatal errors at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xraybatch.errors import ConfigError
+from xraybatch.settings import Settings, as_toml, load_settings
+
+
+def test_defaults() -> None:
+    s = load_settings(environ={})
+    assert s == Settings()
+    assert s.ingest.views == ("PA", "AP") and s.explain.max_findings == 3
+    assert s.db_url.startswith("sqlite:///") and s.db_url.endswith("xraybatch-data/xraybatch.sqlite")
+
+
+def test_precedence(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('workdir = "/srv/a"\n[db]\nurl = "sqlite:///file.db"\n[explain]\nmax_findings = 5\n'
+                   '[ingest]\nviews = ["PA"]\n')
+    s = load_settings(cfg, environ={})
+    assert (s.workdir, s.db.url, s.explain.max_findings, s.ingest.views) == (Path("/srv/a"), "sqlite:///file.db", 5, ("PA",))
+    env = {"XRAYBATCH_EXPLAIN_MAX_FINDINGS": "2", "XRAYBATCH_INGEST_VIEWS": "PA,AP,LL", "XRAYBATCH_WORKDIR": "/srv/b"}
+    s = load_settings(cfg, environ=env)
+    assert (s.workdir, s.explain.max_findings, s.ingest.views) == (Path("/srv/b"), 2, ("PA", "AP", "LL"))
+    s = load_settings(cfg, {"workdir": "/srv/c", "db": {"url": None}}, environ=env)
+    assert s.workdir == Path("/srv/c") and s.db.url == "sqlite:///file.db"  # None flags do not override
+
+
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        ("[ingest]\nviewz = ['PA']\n", r"unknown setting \[ingest\] 'viewz'"),
+        ("[nope]\nx = 1\n", r"unknown setting 'nope'"),
+        ("[explain]\nmax_findings = 'many'\n", r"\[explain\] max_findings: expected an integer"),
+        ("[pipeline]\nbatch_size = 0\n", r"batch_size must be >= 1"),
+        ("[preprocess]\npercentile_window = [99, 1]\n", r"percentile_window must be two percentiles"),
+        ("[db]\nurl = \n", r"not valid TOML"),
+    ],
+)
+def test_bad_config_is_fatal_with_a_fix(tmp_path: Path, toml: str, match: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError, match=match):
+        load_settings(cfg, environ={})
+
+
+def test_unknown_environment_variable() -> None:
+    with pytest.raises(ConfigError, match="XRAYBATCH_DB_URI"):
+        load_settings(environ={"XRAYBATCH_DB_URI": "x"})
+
+
+def test_as_toml_round_trips(tmp_path: Path) -> None:
+    s = load_settings(None, {"workdir": "/srv/x", "ingest": {"views": ["PA"]}, "explain": {"enabled": False}}, environ={})
+    path = tmp_path / "out.toml"
+    path.write_text(as_toml(s))
+    assert load_settings(path, environ={}) == s

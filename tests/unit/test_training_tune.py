@@ -1,0 +1,73 @@
+"""The Optuna loop: two trials stored in SQLite, resumed by a second call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from training.cli import train as train_group
+from training.synthetic import write_kermany
+from training.tune import objective_scores
+
+TINY = """
+architecture = "separable_cnn"
+architecture_args = {widths = [8, 16]}
+init = "none"
+input_size = 32
+freeze = 0
+val_fraction = 0.4
+threads = 1
+epochs = 1
+"""
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state() -> Iterator[None]:
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)
+
+
+def test_two_trials_then_resume(tmp_path: Path) -> None:
+    import optuna
+
+    data = write_kermany(tmp_path / "data", per_class=16, size=32)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    storage = tmp_path / "study.sqlite"
+    args = ["tune", "--data", str(data), "--storage", str(storage), "--config", str(config),
+            "--cache-dir", str(tmp_path / "cache"), "--study-name", "t"]
+    result = CliRunner().invoke(train_group, [*args, "--trials", "2"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "best trial #" in result.output and "\nlr = " in result.output
+    toml_lines = result.output.split("(only what differs from the base settings)\n")[1]
+    import tomllib
+
+    from training.train import TrainConfig
+
+    tuned = tomllib.loads(toml_lines)  # valid TOML with TrainConfig fields only
+    assert TrainConfig.from_dict({"data": str(data), **tuned}).lr == tuned["lr"]
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{storage}")
+    assert len(study.trials) == 2
+    trial = study.trials[0]
+    assert {"lr", "batch_size", "focal_gamma", "min_recall", "sampling"} <= set(trial.params)
+    assert {"balanced_accuracy", "threshold", "auroc"} <= set(trial.user_attrs)
+    again = CliRunner().invoke(train_group, [*args, "--trials", "1", "--subset", "0.8"])
+    assert again.exit_code == 0, again.output
+    assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{storage}").trials) == 3
+
+
+def test_objective_scores_threshold_on_one_half_only() -> None:
+    labels = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    probs = np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7, 0.6, 0.95])
+    scores = objective_scores(labels, probs, np.arange(4), np.arange(4, 8), min_recall=1.0)
+    # threshold from the first half: 0.8 (lowest positive); second half at 0.8: positives 0.6 missed, 0.95 hit
+    assert scores["threshold"] == pytest.approx(0.8)
+    assert scores["pneumonia_recall"] == 0.5 and scores["normal_recall"] == 1.0
+    assert scores["balanced_accuracy"] == 0.75

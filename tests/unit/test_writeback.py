@@ -1,0 +1,430 @@
+"""Tests of xraybatch.writeback: the Secondary Capture, the TID 1500 SR, UIDs and the atomic write.
+
+Every output is round-tripped through the file system and read back with pydicom/highdicom; conformance is
+checked with dciodvfy (dicom3tools) on synthetic sources, pydicom's test files and ../shared/data.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.sr.codedict import codes
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from tests.synth import make_dataset
+from xraybatch import __version__
+from xraybatch.domain import DisplayImage, Heatmap, OutputRecord, Prediction
+from xraybatch.errors import WriteBackError
+from xraybatch.models.findings import BINARY_TARGETS, NIH_TARGETS, PRIVATE_SCHEME, TARGET_CODES
+from xraybatch.settings import OutputConfig
+from xraybatch.writeback import build_sc, build_sr, write_outputs
+from xraybatch.writeback.common import SERIES_DESCRIPTION, atomic_write, model_set, output_uids
+from xraybatch.writeback.sc import findings_text, render
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+THRESHOLD = 0.5
+
+
+# --- fixtures and helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def source() -> pydicom.Dataset:
+    """A synthetic CR chest PA as the pipeline hands it over: every attribute but Pixel Data."""
+    ds = make_dataset()
+    del ds.PixelData
+    return ds
+
+
+@pytest.fixture
+def nih() -> Prediction:
+    """The 15-target model; probabilities spread over [0.02, 0.98], one exactly at the threshold."""
+    probabilities = np.linspace(0.02, 0.98, len(NIH_TARGETS))
+    probabilities[len(NIH_TARGETS) // 2] = THRESHOLD
+    return Prediction(
+        "nih-densenet", "1.2", NIH_TARGETS, tuple(map(float, probabilities)), (THRESHOLD,) * len(NIH_TARGETS)
+    )
+
+
+@pytest.fixture
+def pneumonia() -> Prediction:
+    return Prediction("pneumonia-resnet", "2.0", BINARY_TARGETS, (0.83,), (0.6,))
+
+
+@pytest.fixture
+def predictions(nih: Prediction, pneumonia: Prediction) -> tuple[Prediction, ...]:
+    return (nih, pneumonia)
+
+
+def _display(rows: int, cols: int, value: float | None = None) -> DisplayImage:
+    """A diagonal gradient, or a constant ``value``, at the source geometry."""
+    if value is not None:
+        return DisplayImage(np.full((rows, cols), value, np.float32))
+    y, x = np.mgrid[0:rows, 0:cols]
+    return DisplayImage(((x + y) / (rows + cols)).astype(np.float32))
+
+
+def _blob(rows: int, cols: int, target: str = "Pneumonia", model: str = "pneumonia-resnet") -> Heatmap:
+    """A Gaussian heat map centred on the image."""
+    y, x = np.mgrid[0:rows, 0:cols]
+    values = np.exp(-(((x / cols - 0.5) ** 2 + (y / rows - 0.5) ** 2) / 0.02)).astype(np.float32)
+    return Heatmap(model, target, 0.83, values)
+
+
+def _write(
+    src: pydicom.Dataset, predictions: tuple[Prediction, ...], outbox: Path, cfg: OutputConfig | None = None
+) -> dict[str, OutputRecord]:
+    records = write_outputs(
+        src,
+        _display(src.Rows, src.Columns),
+        predictions,
+        [_blob(src.Rows, src.Columns)],
+        cfg or OutputConfig(),
+        outbox,
+    )
+    return {r.kind: r for r in records}
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+
+
+def _shared(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent; the shared test data live in ../shared/data beside the repository")
+    return path
+
+
+def _testdata(name: str) -> Path:
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} is unavailable; install pydicom-data")
+    return Path(path)
+
+
+def _synthetic(tmp_path: Path, **kwargs: Any) -> Path:
+    path = tmp_path / "in" / "source.dcm"
+    path.parent.mkdir()
+    make_dataset(**kwargs).save_as(path, enforce_file_format=True)
+    return path
+
+
+SOURCES = [
+    pytest.param(lambda tmp: _synthetic(tmp), id="synthetic-cr"),
+    pytest.param(
+        lambda tmp: _synthetic(tmp, modality="DX", photometric="MONOCHROME1"), id="synthetic-dx-monochrome1"
+    ),
+    pytest.param(lambda tmp: _testdata("RG1_UNCI.dcm"), id="pydicom-RG1_UNCI-cr"),
+    pytest.param(
+        lambda tmp: _shared("dicom/highdicom_test_files/dx_image.dcm"),
+        id="shared-dx_image",
+        marks=pytest.mark.shared_data,
+    ),
+    pytest.param(
+        lambda tmp: _shared("dicom/torchxrayvision_tests/Fake_MONOHR1.dcm"),
+        id="shared-xrv-jpeg-monochrome1",
+        marks=pytest.mark.shared_data,
+    ),
+    pytest.param(
+        lambda tmp: _shared(
+            "dicom/torchxrayvision_tests/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+        ),
+        id="shared-xrv-jpeg-monochrome2",
+        marks=pytest.mark.shared_data,
+    ),
+]
+
+
+# --- Secondary Capture -----------------------------------------------------------------------------------------
+
+
+def test_sc_round_trip(source: pydicom.Dataset, predictions: tuple[Prediction, ...], tmp_path: Path) -> None:
+    record = _write(source, predictions, tmp_path, OutputConfig(sc_max_size=512))["sc"]
+    sc = pydicom.dcmread(record.path)
+
+    assert (
+        record.path == tmp_path / source.StudyInstanceUID / sc.SeriesInstanceUID / f"{sc.SOPInstanceUID}.dcm"
+    )
+    assert (record.sop_instance_uid, record.series_instance_uid) == (sc.SOPInstanceUID, sc.SeriesInstanceUID)
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyDate",
+    ):
+        assert sc[keyword].value == source[keyword].value, keyword
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.SOPInstanceUID != source.SOPInstanceUID
+    assert sc.SeriesDescription == SERIES_DESCRIPTION
+    assert len(sc.SeriesDescription) <= 64
+    assert sc.Manufacturer == "xraybatch"
+    assert sc.BurnedInAnnotation == "YES"
+    assert "Laterality" in sc
+    ref = sc.SourceImageSequence[0]
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        source.SOPClassUID,
+        source.SOPInstanceUID,
+    )
+    ours = [e for e in sc.ContributingEquipmentSequence if e.Manufacturer == "xraybatch"]
+    assert ours and {f"xraybatch {__version__}", "nih-densenet@1.2", "pneumonia-resnet@2.0"} <= set(
+        ours[0].SoftwareVersions
+    )
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
+    pixels = sc.pixel_array
+    assert pixels.dtype == np.uint8 and pixels.shape == (sc.Rows, sc.Columns, 3)
+    assert max(sc.Rows, sc.Columns) == 512
+    top = pixels[:8].astype(int)
+    assert ((top[..., 0] > 200) & (top[..., 1] > 150) & (top[..., 2] < 100)).any(), (
+        "no yellow banner text at the top"
+    )
+
+
+@pytest.mark.parametrize(("rows", "cols", "max_size"), [(1955, 1841, 1024), (256, 240, 512), (300, 900, 256)])
+def test_sc_size_keeps_aspect(rows: int, cols: int, max_size: int, nih: Prediction) -> None:
+    pixels = render(_display(rows, cols), [nih], [], max_size)
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    assert max(pixels.shape[:2]) == max_size
+    assert pixels.shape[0] / pixels.shape[1] == pytest.approx(rows / cols, rel=0.01)
+
+
+def test_sc_banner_burned_in_at_top(nih: Prediction) -> None:
+    """On a white image, the top rows are a dark band holding yellow text; the image below stays white."""
+    pixels = render(_display(400, 400, value=1.0), [nih], [], 400).astype(int)
+    band = pixels[:15]
+    assert band.mean() < 120
+    yellow = (band[..., 0] > 200) & (band[..., 1] > 150) & (band[..., 2] < 100)
+    assert yellow.sum() > 50
+    assert (pixels[40:60, 300:] == 255).all()
+
+
+def test_sc_heat_only_where_hot(pneumonia: Prediction) -> None:
+    rows, cols = 300, 300
+    pixels = render(_display(rows, cols, value=0.5), [pneumonia], [_blob(rows, cols)], 300).astype(int)
+    centre, corner = pixels[150, 150], pixels[60, 280]
+    assert len(set(centre)) > 1, "the heat map is not blended at the hot spot"
+    assert len(set(corner)) == 1, "colour where the heat is below the minimum"
+
+
+def test_sc_rejects_heatmap_of_other_geometry(pneumonia: Prediction) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        render(_display(300, 300), [pneumonia], [_blob(200, 300)], 256)
+
+
+def test_findings_text_lists_positives(nih: Prediction, pneumonia: Prediction) -> None:
+    lines = findings_text([nih, pneumonia])
+    assert lines[0] == "nih-densenet 1.2"
+    assert "pneumonia-resnet 2.0" in lines
+    positives = [t for t, pos in zip(nih.targets, nih.positive) if pos]
+    for target in positives:
+        assert any(target.replace("_", " ") in line for line in lines), target
+    assert "  Pneumonia: 0.83 (threshold 0.60)" in lines
+    assert "No finding above threshold" not in lines
+
+
+def test_findings_text_says_when_nothing_is_positive() -> None:
+    negative = Prediction("pneumonia-resnet", "2.0", BINARY_TARGETS, (0.1,), (0.6,))
+    assert findings_text([negative]) == ["pneumonia-resnet 2.0", "No finding above threshold"]
+    assert render(_display(200, 200), [negative], [], 200).shape == (200, 200, 3)
+
+
+# --- Structured Report -----------------------------------------------------------------------------------------
+
+
+def test_sr_round_trip(source: pydicom.Dataset, predictions: tuple[Prediction, ...], tmp_path: Path) -> None:
+    record = _write(source, predictions, tmp_path)["sr"]
+    sr = hd.sr.srread(record.path)
+
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber"):
+        assert sr[keyword].value == source[keyword].value, keyword
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.SeriesDescription == SERIES_DESCRIPTION
+    assert sr.Manufacturer == "xraybatch"
+    assert f"xraybatch {__version__}" in sr.SoftwareVersions
+    assert [s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence] == [PRIVATE_SCHEME]
+    evidence = (
+        sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    )
+    assert evidence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+    groups = sr.content.get_image_measurement_groups()
+    expected = [
+        (p, t, prob, pos) for p in predictions for t, prob, pos in zip(p.targets, p.probabilities, p.positive)
+    ]
+    assert len(groups) == len(expected) == len(NIH_TARGETS) + 1
+    for group, (prediction, target, probability, positive) in zip(groups, expected):
+        code = TARGET_CODES[target]
+        assert (group.finding_type.value, group.finding_type.scheme_designator) == (code.value, code.scheme)
+        assert group.tracking_identifier == f"{prediction.model_name}@{prediction.model_version}/{target}"
+        (measurement,) = group.get_measurements(name=codes.DCM.Probability)
+        assert measurement.value == pytest.approx(probability)
+        assert measurement.unit == codes.UCUM.NoUnits
+        (threshold,) = group.get_measurements(name=codes.DCM.ThresholdValue)
+        assert threshold.value == pytest.approx(prediction.thresholds[0])
+        (evaluation,) = group.get_qualitative_evaluations(name=group.finding_type)
+        assert evaluation.value == (codes.SCT.Present if positive else codes.SCT.Absent), target
+        (image,) = group.source_images
+        assert image.referenced_sop_instance_uid == source.SOPInstanceUID
+    # the probability equal to its threshold counts as present
+    present = [
+        g for g in groups if g.get_qualitative_evaluations(name=g.finding_type)[0].value == codes.SCT.Present
+    ]
+    assert len(present) == sum(predictions[0].positive) + 1
+
+
+def test_sr_tracking_uids_unique(source: pydicom.Dataset, predictions: tuple[Prediction, ...]) -> None:
+    sr = build_sr(source, predictions, OutputConfig())
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    uids = {g.tracking_uid for g in groups}
+    assert len(uids) == len(groups) == len(NIH_TARGETS) + 1
+
+
+def test_sr_names_algorithm_per_group(source: pydicom.Dataset, pneumonia: Prediction) -> None:
+    sr = build_sr(source, [pneumonia], OutputConfig())
+    group = sr.ContentSequence[-1].ContentSequence[0]
+    texts = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+        for item in group.ContentSequence
+        if item.ValueType == "TEXT"
+    }
+    assert texts["Algorithm Name"] == "pneumonia-resnet"
+    assert texts["Algorithm Version"] == "2.0"
+
+
+def test_unknown_target_is_a_write_back_error(source: pydicom.Dataset, tmp_path: Path) -> None:
+    odd = Prediction("odd-model", "1", ("Fracture",), (0.9,), (0.5,))
+    with pytest.raises(WriteBackError, match="TARGET_CODES") as info:
+        write_outputs(source, _display(source.Rows, source.Columns), [odd], [], OutputConfig(), tmp_path)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_invalid_source_value_is_left_empty(
+    source: pydicom.Dataset,
+    pneumonia: Prediction,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    source.PatientAge = "62"  # as found in real files; AS wants "062Y", and highdicom would copy it verbatim
+    caplog.set_level("INFO", logger="xraybatch.writeback")
+    sr = build_sr(source, [pneumonia], OutputConfig())
+    assert sr.PatientAge in (None, "")
+    assert source.PatientAge == "62", "the caller's dataset must not change"
+    (message,) = [r.getMessage() for r in caplog.records if r.name.startswith("xraybatch")]
+    assert "PatientAge" in message and "62" not in message
+
+
+# --- UIDs, determinism, flags -------------------------------------------------------------------------------------
+
+
+def test_rerun_overwrites_with_same_uids(
+    source: pydicom.Dataset, predictions: tuple[Prediction, ...], tmp_path: Path
+) -> None:
+    first = _write(source, predictions, tmp_path)
+    second = _write(source, predictions, tmp_path)
+    assert first == second
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        r.path.relative_to(tmp_path) for r in first.values()
+    )
+
+
+def test_uids_derive_from_source_and_model_set(
+    source: pydicom.Dataset, predictions: tuple[Prediction, ...]
+) -> None:
+    assert model_set(predictions) == "nih-densenet@1.2,pneumonia-resnet@2.0"
+    assert model_set(predictions[::-1]) == model_set(predictions)
+    sc, sr = output_uids(source, "sc", predictions), output_uids(source, "sr", predictions)
+    assert sc != sr
+    sibling = make_dataset(study_instance_uid=source.StudyInstanceUID)
+    assert output_uids(sibling, "sc", predictions).series_instance_uid == sc.series_instance_uid
+    assert output_uids(sibling, "sc", predictions).sop_instance_uid != sc.sop_instance_uid
+    newer = (predictions[0], Prediction("pneumonia-resnet", "2.1", BINARY_TARGETS, (0.83,), (0.6,)))
+    assert output_uids(source, "sc", newer).sop_instance_uid != sc.sop_instance_uid
+    built = build_sc(source, _display(source.Rows, source.Columns), predictions, [], OutputConfig())
+    assert built.SOPInstanceUID == sc.sop_instance_uid
+
+
+@pytest.mark.parametrize(("sc_on", "sr_on"), [(True, True), (True, False), (False, True), (False, False)])
+def test_output_flags(
+    sc_on: bool, sr_on: bool, source: pydicom.Dataset, pneumonia: Prediction, tmp_path: Path
+) -> None:
+    cfg = OutputConfig(secondary_capture=sc_on, structured_report=sr_on, sc_max_size=256)
+    records = _write(source, (pneumonia,), tmp_path, cfg)
+    assert set(records) == {k for k, on in (("sc", sc_on), ("sr", sr_on)) if on}
+
+
+# --- atomic write ----------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_leaves_no_temp_file(
+    source: pydicom.Dataset, pneumonia: Prediction, tmp_path: Path
+) -> None:
+    ds = build_sr(source, [pneumonia], OutputConfig())
+    path = tmp_path / "a" / "b" / "out.dcm"
+    atomic_write(ds, path)
+    atomic_write(ds, path)
+    assert [p.name for p in path.parent.iterdir()] == ["out.dcm"]
+    assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_atomic_write_unwritable_folder(
+    source: pydicom.Dataset, pneumonia: Prediction, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "outbox"
+    blocker.write_text("a file where the outbox folder should be")
+    ds = build_sr(source, [pneumonia], OutputConfig())
+    with pytest.raises(WriteBackError, match="outbox folder") as info:
+        atomic_write(ds, blocker / "study" / "out.dcm")
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_atomic_write_cleans_temp_file_on_error(
+    source: pydicom.Dataset, pneumonia: Prediction, tmp_path: Path
+) -> None:
+    """The replace fails (the destination is a folder) after the temporary file was written."""
+    path = tmp_path / "out.dcm"
+    path.mkdir()
+    with pytest.raises(WriteBackError, match="could not write"):
+        atomic_write(build_sr(source, [pneumonia], OutputConfig()), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.dcm"]
+
+
+def test_write_outputs_wraps_os_errors(
+    source: pydicom.Dataset, pneumonia: Prediction, tmp_path: Path
+) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.write_text("not a folder")
+    with pytest.raises(WriteBackError, match="writable"):
+        _write(source, (pneumonia,), outbox)
+
+
+# --- conformance -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+@pytest.mark.parametrize("make_source", SOURCES)
+def test_dciodvfy_reports_no_errors(
+    make_source: Callable[[Path], Path], predictions: tuple[Prediction, ...], tmp_path: Path
+) -> None:
+    src = pydicom.dcmread(make_source(tmp_path), stop_before_pixels=True)
+    records = _write(src, predictions, tmp_path / "outbox")
+    assert set(records) == {"sc", "sr"}
+    for record in records.values():
+        assert _dciodvfy_errors(record.path) == [], record.kind

@@ -1,0 +1,5 @@
+"""``python -m xraybatch``."""
+
+from xraybatch.cli import main
+
+main()

@@ -1,0 +1,536 @@
+"""The ``xraybatch`` command line: a thin click layer over the library.
+
+Settings are resolved once here (defaults < --config TOML < XRAYBATCH_* environment < flags); library errors
+become ``Error: <message>`` with exit code 1. Heavy imports (torch, the pipeline) happen inside the commands
+that need them, so ``--help``, ``results`` and ``db`` answer at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from xraybatch import __version__
+from xraybatch.errors import XrayBatchError
+from xraybatch.settings import Settings, as_toml, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the record's extras (``sop_instance_uid``, ``stage``, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _configure_logging(verbose: int, log_format: str) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler: logging.Handler
+    if log_format == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=verbose > 1)
+    root = logging.getLogger("xraybatch")
+    root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)] + [handler]
+    root.setLevel(level)
+    logging.getLogger("training").handlers = [handler]
+    logging.getLogger("training").setLevel(level)
+
+
+def settings_options(func: F) -> F:
+    """--workdir, --db and --config, resolved into ``settings`` for the command."""
+
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                  help="TOML settings file (see `xraybatch config show`).")
+    @click.option("--db", "db_url", metavar="URL", help="Results DB URL (default: SQLite in WORKDIR).")
+    @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+                  help="Folder for the results DB and outbox/ (default ./xraybatch-data).")
+    @functools.wraps(func)
+    def wrapper(*args: Any, config_file: Path | None, db_url: str | None, workdir: Path | None, **kwargs: Any) -> Any:
+        overrides: dict[str, Any] = {"workdir": workdir, "db": {"url": db_url}}
+        try:
+            settings = load_settings(config_file, overrides)
+        except XrayBatchError as err:
+            raise click.ClickException(str(err)) from err
+        return func(*args, settings=settings, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Call ``fn``, turning XrayBatchError into a ClickException (``Error: ...``, exit 1)."""
+    try:
+        return fn()
+    except XrayBatchError as err:
+        raise click.ClickException(str(err)) from err
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xraybatch")
+@click.option("-v", "--verbose", count=True, help="-v: info, -vv: debug.")
+@click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True,
+              help="Log format on stderr.")
+def main(verbose: int, log_format: str) -> None:
+    """DICOM-native batch processing of chest radiographs.
+
+    Results are AI generated and NOT FOR DIAGNOSTIC USE.
+
+    Example:
+
+        xraybatch run-folder /data/incoming --workdir /var/lib/xraybatch
+    """
+    _configure_logging(verbose, log_format)
+
+
+@main.command("run-folder")
+@click.argument("input_dir", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Model bundle directory (repeatable); default: the bundles shipped with xraybatch.")
+@click.option("--batch-size", type=int, help="Images per forward pass.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@settings_options
+def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int | None, progress: bool,
+                   settings: Settings) -> None:
+    """Process every file under INPUT once and print a summary.
+
+    Every regular file is read, whatever its name; input files are left in place. DICOM outputs (a
+    Secondary Capture and a Structured Report per processed image) go to WORKDIR/outbox/.
+
+    Example:
+
+        xraybatch run-folder ./archive --workdir ./xraybatch-data
+
+        xraybatch results export --workdir ./xraybatch-data --what predictions --format csv --out results.csv
+    """
+    import dataclasses
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from xraybatch import pipeline
+
+    if bundles:
+        settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, bundles=tuple(map(str, bundles))))
+    if batch_size:
+        settings = dataclasses.replace(settings, pipeline=dataclasses.replace(settings.pipeline, batch_size=batch_size))
+    processor = _run(lambda: pipeline.Processor.open(settings))
+    total = sum(1 for _ in pipeline.iter_files(input_dir))
+    err_console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]processing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
+        TimeRemainingColumn(), console=err_console, disable=not progress, transient=True,
+    ) as bar:
+        task = bar.add_task("run", total=total, last="")
+        try:
+            summary = _run(lambda: pipeline.run_folder(
+                input_dir, settings, processor=processor,
+                on_outcome=lambda o: bar.update(task, advance=1, last=str(o.state)),
+            ))
+        finally:
+            processor.close()
+    table = Table(title="run-folder summary")
+    table.add_column("state")
+    table.add_column("files", justify="right")
+    for state in ("done", "not_applicable", "rejected", "duplicate", "failed"):
+        table.add_row(state, str(summary.counts.get(state, 0)))
+    Console().print(table)
+    click.echo(
+        f"{summary.files} files in {summary.seconds:.1f} s; "
+        f"throughput: {summary.files_per_second:.2f} files/s, {summary.done_per_second:.2f} processed images/s; "
+        f"models: {processor.model_set}\nresults: {_safe_url(settings.db_url)}\noutputs: {settings.outbox}"
+    )
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def single_worker_argv(argv: list[str]) -> list[str]:
+    """``argv`` of ``xraybatch ... watch ...`` with ``--workers N`` / ``--workers=N`` replaced by ``--workers 1``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return [*out, "--workers", "1"]
+
+
+@main.command("watch")
+@click.argument("incoming", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Worker processes on this host; they share the queue in the results DB.")
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Model bundle directory (repeatable); default: the bundles shipped with xraybatch.")
+@settings_options
+def watch_cmd(incoming: Path, workers: int, bundles: tuple[Path, ...], settings: Settings) -> None:
+    """Process every DICOM file dropped into INCOMING, once, until SIGTERM/SIGINT.
+
+    A file is taken when its size and mtime have settled (names like *.part, *.tmp and dot-files are
+    ignored until renamed). Processed inputs move to WORKDIR/archive/, others to WORKDIR/quarantine/ with a
+    JSON file giving the reason; the drop folder ends empty. Several workers, on one or more hosts, may
+    watch the same folder with one PostgreSQL database (--db). Use --log-format json for a log collector.
+
+    Example:
+
+        xraybatch --log-format json watch /data/incoming --workdir /var/lib/xraybatch --db postgresql://db/xraybatch
+    """
+    import dataclasses
+
+    from xraybatch import daemon
+
+    if workers > 1:
+        sys.exit(daemon.run_workers(single_worker_argv(sys.argv[1:]), workers))
+    if bundles:
+        settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, bundles=tuple(map(str, bundles))))
+    sys.exit(_run(daemon.Daemon(incoming, settings).run))
+
+
+@main.command("status")
+@settings_options
+def status_cmd(settings: Settings) -> None:
+    """Show the queue depth, counts per state, the oldest queued file and the workers alive.
+
+    Example:
+
+        xraybatch status --db postgresql://db/xraybatch
+    """
+    from xraybatch.db import queue
+
+    def read() -> Any:
+        with _open_session(settings) as s:
+            return queue.status(s, alive_within_seconds=3 * settings.watch.heartbeat_seconds)
+
+    st = _run(read)
+    click.echo(f"queue depth: {st.counts.get('queued', 0)} queued, {st.counts.get('processing', 0)} processing")
+    click.echo(f"oldest queued: {st.oldest_queued.isoformat() if st.oldest_queued else '-'}")
+    click.echo("states: " + ", ".join(f"{k} {v}" for k, v in st.counts.items()))
+    click.echo(f"workers alive: {len(st.workers_alive)}")
+    for worker_id, last_seen in st.workers_alive:
+        click.echo(f"  {worker_id} (last seen {last_seen.isoformat(timespec='seconds')})")
+
+
+@main.command("retry")
+@click.argument("incoming", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--state", type=click.Choice(["failed", "rejected", "not_applicable"]), default="failed",
+              show_default=True, help="Quarantined files of this state go back to INCOMING.")
+@settings_options
+def retry_cmd(incoming: Path, state: str, settings: Settings) -> None:
+    """Move quarantined files of a state back into the drop folder, to be processed again.
+
+    Example:
+
+        xraybatch retry /data/incoming --state failed --workdir /var/lib/xraybatch
+    """
+    from xraybatch.db import queue
+
+    def move() -> int:
+        with _open_session(settings) as s:
+            return queue.return_to_incoming(s, state, settings.workdir.resolve() / "quarantine", incoming, copy=False)
+
+    click.echo(f"{_run(move)} {state} files moved back to {incoming}")
+
+
+@main.command("reprocess")
+@click.argument("incoming", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--since", type=click.DateTime(), help="Only instances processed at or after (UTC).")
+@click.option("--until", type=click.DateTime(), help="Only instances processed before (UTC).")
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The models to reprocess with (default: the shipped bundles).")
+@settings_options
+def reprocess_cmd(incoming: Path, since: datetime | None, until: datetime | None, bundles: tuple[Path, ...],
+                  settings: Settings) -> None:
+    """Run archived instances again with a new model set: copies them back into the drop folder.
+
+    Instances already processed with the current model set are left alone (they would be duplicates).
+
+    Example:
+
+        xraybatch reprocess /data/incoming --since 2026-11-01 --workdir /var/lib/xraybatch
+    """
+    from xraybatch.db import queue
+    from xraybatch.models.registry import find_bundles
+
+    specs = _run(lambda: find_bundles(tuple(map(str, bundles)) or settings.model.bundles))
+    model_set = ",".join(sorted(spec.model_id for spec in specs))
+
+    def copy() -> int:
+        with _open_session(settings) as s:
+            return queue.return_to_incoming(
+                s, "done", settings.workdir.resolve() / "archive", incoming, copy=True, exclude_model_set=model_set,
+                since=since.replace(tzinfo=UTC) if since else None,
+                until=until.replace(tzinfo=UTC) if until else None,
+            )
+
+    click.echo(f"{_run(copy)} archived instances copied to {incoming} for {model_set}")
+
+
+# -- results ----------------------------------------------------------------------------------------------
+
+
+@main.group("results")
+def results() -> None:
+    """Query the results database (filters, CSV/JSON export).
+
+    Example:
+
+        xraybatch results export --what predictions --format csv --target Pneumonia --positive-only
+    """
+
+
+def filter_options(func: F) -> F:
+    """Filters shared by ``results export`` and ``results list``."""
+    options = [
+        click.option("--target", help="Only this finding (e.g. Pneumonia, Effusion)."),
+        click.option("--min-probability", type=float, help="Only predictions with probability >= this."),
+        click.option("--positive-only", is_flag=True, help="Only predictions at or above their threshold."),
+        click.option("--state", type=click.Choice(["done", "not_applicable", "rejected", "duplicate", "failed",
+                                                   "queued", "processing"]), help="Only instances in this state."),
+        click.option("--model", help="Only this model name."),
+        click.option("--model-version", help="Only this model version."),
+        click.option("--since", type=click.DateTime(), help="Processed at or after (UTC), e.g. 2026-01-31."),
+        click.option("--until", type=click.DateTime(), help="Processed before (UTC)."),
+        click.option("--accession", help="Only this accession number."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _filter(kw: dict[str, Any]) -> Any:
+    from xraybatch.db.export import ResultFilter
+
+    def utc(value: datetime | None) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+    return ResultFilter(
+        target=kw.pop("target"), min_probability=kw.pop("min_probability"),
+        positive=True if kw.pop("positive_only") else None, state=kw.pop("state"), model=kw.pop("model"),
+        model_version=kw.pop("model_version"), since=utc(kw.pop("since")), until=utc(kw.pop("until")),
+        accession=kw.pop("accession"),
+    )
+
+
+def _open_session(settings: Settings) -> Any:
+    from xraybatch.db import session
+
+    return session.make_sessionmaker(session.make_engine(settings.db_url))()
+
+
+@results.command("export")
+@click.option("--what", type=click.Choice(["predictions", "instances"]), required=True,
+              help="predictions: one row per instance, model and target; instances: one row per input file.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), required=True, help="Output format.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: stdout).")
+@filter_options
+@settings_options
+def results_export(what: str, fmt: str, out: Path | None, settings: Settings, **kw: Any) -> None:
+    """Export results as CSV or JSON.
+
+    Example:
+
+        xraybatch results export --workdir ./xraybatch-data --what predictions --format csv --out predictions.csv
+
+        xraybatch results export --db postgresql://xraybatch@db/xraybatch --what instances --format json --state rejected
+    """
+    from xraybatch.db.export import write_export
+
+    flt = _filter(kw)
+
+    def export() -> int:
+        with _open_session(settings) as s:
+            if out is None:
+                return write_export(s, what, fmt, sys.stdout, flt)  # type: ignore[arg-type]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "w", encoding="utf-8", newline="") as fh:
+                return write_export(s, what, fmt, fh, flt)  # type: ignore[arg-type]
+
+    count = _run(export)
+    if out is not None:
+        click.echo(f"wrote {count} {what} rows to {out}", err=True)
+
+
+@results.command("list")
+@click.option("--what", type=click.Choice(["predictions", "instances"]), default="instances", show_default=True)
+@click.option("--limit", type=int, default=50, show_default=True, help="Show at most this many rows.")
+@filter_options
+@settings_options
+def results_list(what: str, limit: int, settings: Settings, **kw: Any) -> None:
+    """Show results as a table in the terminal.
+
+    Example:
+
+        xraybatch results list --what predictions --target Pneumonia --positive-only --since 2026-11-01
+    """
+    from itertools import islice
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from xraybatch.db.export import iter_rows
+
+    columns = {
+        "instances": ["received_at", "sop_instance_uid", "state", "reason"],
+        "predictions": ["finished_at", "sop_instance_uid", "model", "target", "probability", "positive"],
+    }[what]
+    flt = _filter(kw)
+    table = Table(*columns)
+
+    def fill() -> int:
+        with _open_session(settings) as s:
+            rows = list(islice(iter_rows(s, what, flt), limit))  # type: ignore[arg-type]
+        for row in rows:
+            table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c] or "") for c in columns))
+        return len(rows)
+
+    count = _run(fill)
+    Console().print(table)
+    click.echo(f"{count} rows (limit {limit})", err=True)
+
+
+# -- db, models, config -----------------------------------------------------------------------------------
+
+
+@main.group("db")
+def db() -> None:
+    """Manage the results database schema (Alembic migrations).
+
+    Example:
+
+        xraybatch db upgrade --db postgresql://xraybatch@db/xraybatch
+    """
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@settings_options
+def db_upgrade(revision: str, settings: Settings) -> None:
+    """Create or migrate the results database to REVISION.
+
+    Example:
+
+        xraybatch db upgrade --workdir ./xraybatch-data
+    """
+    from xraybatch.db import session
+
+    url = settings.db_url
+    if url.startswith("sqlite"):
+        settings.workdir.mkdir(parents=True, exist_ok=True)
+    _run(lambda: session.upgrade(url, revision))
+    click.echo(f"database at revision {_run(lambda: session.current_revision(url))}")
+
+
+@db.command("current")
+@settings_options
+def db_current(settings: Settings) -> None:
+    """Print the database's schema revision.
+
+    Example:
+
+        xraybatch db current --workdir ./xraybatch-data
+    """
+    from xraybatch.db import session
+
+    click.echo(str(_run(lambda: session.current_revision(settings.db_url))))
+
+
+@main.group("models")
+def models() -> None:
+    """Inspect model bundles.
+
+    Example:
+
+        xraybatch models list
+    """
+
+
+@models.command("list")
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Bundle directory (repeatable); default: the shipped bundles.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check the weights' sha256.")
+def models_list(bundles: tuple[Path, ...], verify: bool) -> None:
+    """List the installed model bundles with their targets and thresholds.
+
+    Example:
+
+        xraybatch models list --bundle ./my-bundle
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from xraybatch.models.registry import find_bundles, verify_weights
+
+    specs = _run(lambda: find_bundles(tuple(str(b) for b in bundles)))
+    table = Table("name", "version", "task", "architecture", "input", "targets (threshold)", "weights")
+    for spec in specs:
+        status = "not checked"
+        if verify:
+            _run(functools.partial(verify_weights, spec))
+            status = "sha256 ok"
+        targets = ", ".join(f"{t} ({th:.3g})" for t, th in zip(spec.targets, spec.thresholds))
+        size = f"{spec.input.size[0]}x{spec.input.size[1]}x{spec.input.channels}"
+        table.add_row(spec.name, spec.version, spec.task, spec.architecture, size, targets, status)
+    Console(width=200).print(table)
+
+
+@main.group("config")
+def config() -> None:
+    """Inspect the settings.
+
+    Example:
+
+        xraybatch config show --config /etc/xraybatch.toml
+    """
+
+
+@config.command("show")
+@settings_options
+def config_show(settings: Settings) -> None:
+    """Print the resolved settings as TOML (defaults < file < environment < flags).
+
+    Example:
+
+        XRAYBATCH_DB_URL=postgresql://db/xraybatch xraybatch config show
+    """
+    click.echo(as_toml(settings), nl=False)
+
+
+def _add_training_commands() -> None:
+    try:
+        from training.cli import train
+    except ImportError:  # the training package is optional in a slim install
+        return
+    main.add_command(train)
+
+
+_add_training_commands()

@@ -1,0 +1,282 @@
+"""Every query the application runs on the results database.
+
+Each function takes a :class:`~sqlalchemy.orm.Session` and keeps its transaction short. The writers
+(:func:`register_models`, :func:`claim`, :func:`finish`, :func:`record_unclaimed`) commit themselves, or roll
+back and raise; the readers (:func:`live_instance`, :func:`counts_by_state`) do not commit, so use a short-lived
+session for them (``with factory() as session: ...``).
+
+Idempotency rests on the partial unique index ``uq_instances_live_sop_model``: :func:`claim` inserts a ``processing``
+row, and the database refuses a second live row for the same SOP Instance UID, also across workers and hosts.
+A database that cannot be reached raises :class:`~xraybatch.errors.PersistError`, a transient condition:
+retry later, never mark the input file rejected for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from xraybatch.db.session import guard
+from xraybatch.db.tables import LIVE_STATES, Instance, ModelVersion, OutputRow, PredictionRow, utcnow
+from xraybatch.domain import InstanceHeader, Outcome, State
+from xraybatch.errors import PersistError
+from xraybatch.models.registry import BundleSpec
+
+logger = logging.getLogger(__name__)
+
+
+def register_models(session: Session, specs: Sequence[BundleSpec]) -> None:
+    """Record the model bundles in force in ``model_versions`` (insert, or refresh the row); commits.
+
+    A row is keyed by (name, version, sha256): retrained weights under the same version get their own row.
+
+    Raises
+    ------
+    PersistError
+        When the database cannot be reached.
+    """
+    insert = _insert_for(session)
+    with guard(session, "register the model versions"):
+        for spec in specs:
+            values = {
+                "name": spec.name,
+                "version": spec.version,
+                "task": spec.task,
+                "architecture": spec.architecture,
+                "sha256": spec.sha256,
+                "targets": list(spec.targets),
+                "thresholds": dict(zip(spec.targets, spec.thresholds)),
+                "path": str(spec.path),
+                "registered_at": utcnow(),
+            }
+            refreshed = {k: values[k] for k in ("task", "architecture", "targets", "thresholds", "path")}
+            session.execute(
+                insert(ModelVersion)
+                .values(**values)
+                .on_conflict_do_update(index_elements=["name", "version", "sha256"], set_=refreshed)
+            )
+        session.commit()
+
+
+def claim(
+    session: Session,
+    header: InstanceHeader,
+    worker_id: str,
+    model_set: str,
+    *,
+    received_at: datetime | None = None,
+) -> int | None:
+    """Insert a ``processing`` row for ``header`` unless its SOP Instance UID already has a live row; commits.
+
+    Parameters
+    ----------
+    session
+        A session with no pending changes (it is rolled back when the claim loses).
+    header
+        The instance to claim; its ``sop_instance_uid`` is the idempotency key.
+    worker_id
+        Who processes it (host and process id), stored for the operators.
+    model_set
+        ``"name@version,..."`` of the models in force.
+    received_at
+        When the file was seen; now when omitted.
+
+    Returns
+    -------
+    int | None
+        The new row's id, or ``None`` when a live row (queued, processing, done or not applicable) holds the UID:
+        the file is a duplicate, see :func:`live_instance` and :func:`record_unclaimed`.
+
+    Raises
+    ------
+    PersistError
+        When the database cannot be reached.
+    """
+    now = utcnow()
+    row = Instance(
+        **_header_columns(header),
+        path=str(header.path),
+        state=State.PROCESSING.value,
+        attempts=1,
+        worker_id=worker_id,
+        model_set=model_set,
+        received_at=received_at or now,
+        started_at=now,
+    )
+    with guard(session, "claim the instance"):
+        session.add(row)
+        try:
+            session.flush()  # the partial unique index refuses a second live row here (PostgreSQL waits first)
+        except IntegrityError:
+            session.rollback()
+            logger.info(
+                "already claimed", extra={"sop_instance_uid": header.sop_instance_uid, "stage": "persist"}
+            )
+            return None
+        row_id = row.id
+        session.commit()
+    return row_id
+
+
+def live_instance(session: Session, sop_instance_uid: str, model_set: str) -> Instance | None:
+    """The live row (queued, processing, done or not applicable) that holds ``sop_instance_uid``, if any.
+
+    Does not commit. Use it to explain a duplicate, e.g. ``f"already {row.state} as {row.path}"``.
+    """
+    stmt = select(Instance).where(
+        Instance.sop_instance_uid == sop_instance_uid,
+        Instance.model_set == model_set,
+        Instance.state.in_(LIVE_STATES),
+    )
+    with guard(session, "read the instance"):
+        return session.scalars(stmt).one_or_none()
+
+
+def finish(session: Session, instance_id: int, outcome: Outcome) -> None:
+    """Store the final ``outcome`` of a claimed instance, its predictions and outputs; one transaction, commits.
+
+    The row gets state, reason, notes, timings and ``finished_at``; its predictions are replaced by those of
+    ``outcome``, and outputs are upserted by SOP Instance UID, so finishing twice never duplicates a row.
+
+    Raises
+    ------
+    ValueError
+        When ``outcome.state`` is not final, or no row has ``instance_id``.
+    PersistError
+        When the database cannot be reached.
+    """
+    if not outcome.state.is_final:
+        raise ValueError(f"outcome.state must be final, got {outcome.state!r}")
+    insert = _insert_for(session)
+    with guard(session, "store the results"):
+        row = session.get(Instance, instance_id)
+        if row is None:
+            raise ValueError(f"no instances row with id {instance_id}")
+        now = utcnow()
+        row.state = outcome.state.value
+        row.reason = outcome.reason
+        row.notes = list(outcome.notes)
+        row.timings = dict(outcome.timings)
+        row.finished_at = now
+        row.lease_expires_at = None
+        session.execute(delete(PredictionRow).where(PredictionRow.instance_id == instance_id))
+        session.add_all(
+            PredictionRow(
+                instance_id=instance_id,
+                model_name=p.model_name,
+                model_version=p.model_version,
+                target=target,
+                probability=float(prob),
+                threshold=float(threshold),
+                positive=bool(positive),
+                created_at=now,
+            )
+            for p in outcome.predictions
+            for target, prob, threshold, positive in zip(p.targets, p.probabilities, p.thresholds, p.positive)
+        )
+        for out in outcome.outputs:
+            values = {
+                "instance_id": instance_id,
+                "kind": out.kind,
+                "sop_instance_uid": out.sop_instance_uid,
+                "series_instance_uid": out.series_instance_uid,
+                "path": str(out.path),
+            }
+            session.execute(
+                insert(OutputRow)
+                .values(**values, sent_state="not_sent", created_at=now)
+                .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
+            )
+        session.commit()
+
+
+def record_unclaimed(
+    session: Session,
+    outcome: Outcome,
+    model_set: str,
+    *,
+    received_at: datetime | None = None,
+    file_path: str | None = None,
+) -> int:
+    """Insert a row for an outcome that never claimed: a duplicate, or a file rejected or failed before; commits.
+
+    ``outcome.header`` supplies the UIDs when the file was readable; ``received_at`` defaults to now;
+    ``file_path`` is where the file lies now (``xraybatch watch``), recorded in the same insert.
+
+    Returns
+    -------
+    int
+        The new row's id.
+
+    Raises
+    ------
+    ValueError
+        When ``outcome.state`` would hold the UID (queued, processing, done, not applicable): use
+        :func:`claim` then :func:`finish` for those.
+    PersistError
+        When the database cannot be reached.
+    """
+    if outcome.state in LIVE_STATES:
+        raise ValueError(
+            f"outcome.state {outcome.state!r} needs claim() then finish(), not record_unclaimed()"
+        )
+    now = utcnow()
+    row = Instance(
+        **(_header_columns(outcome.header) if outcome.header else {}),
+        path=str(outcome.path),
+        state=outcome.state.value,
+        reason=outcome.reason,
+        notes=list(outcome.notes),
+        timings=dict(outcome.timings),
+        attempts=0,
+        model_set=model_set,
+        received_at=received_at or now,
+        finished_at=now,
+        file_path=file_path,
+    )
+    with guard(session, "record the outcome"):
+        session.add(row)
+        session.flush()
+        row_id = row.id
+        session.commit()
+    return row_id
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    """Number of ``instances`` rows per state, every :class:`~xraybatch.domain.State` included; no commit."""
+    counts = {str(s): 0 for s in State}
+    with guard(session, "count the instances"):
+        rows = session.execute(select(Instance.state, func.count()).group_by(Instance.state))
+        counts.update({state: n for state, n in rows})
+    return counts
+
+
+def _header_columns(header: InstanceHeader) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": header.sop_instance_uid,
+        "study_instance_uid": header.study_instance_uid,
+        "series_instance_uid": header.series_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "accession_number": header.accession_number,
+        "patient_id": header.patient_id,
+        "modality": header.modality,
+        "body_part": header.body_part,
+        "view_position": header.view_position,
+    }
+
+
+def _insert_for(session: Session) -> Any:
+    """The dialect's ``insert`` (with ``on_conflict_do_update``) for the session's database."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise PersistError(f"unsupported database {dialect!r}; use SQLite or PostgreSQL")

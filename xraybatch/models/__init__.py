@@ -1,0 +1,1 @@
+"""Model bundles (``registry``), network definitions (``nets``) and the target/code table (``findings``)."""

@@ -1,0 +1,147 @@
+"""Stored pixel values -> display image in [0, 1] -> model input. Shared by inference and training.
+
+The order follows PS3.3 C.7.6.3.1 and C.11: Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence),
+then VOI LUT (VOI LUT Sequence or Window Center/Width; a robust percentile window when the file has neither),
+then MONOCHROME1 inversion *after* VOI, so that bone is bright in every display image. Resampling to the
+model's input uses SimpleITK: a ``BinShrink`` by the integer factor (an average, so no aliasing) and a linear
+resample to the exact size. :func:`to_model_input` is the one function training calls on its images too.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from xraybatch.domain import DisplayImage, ModelInput, XrayImage
+from xraybatch.errors import InvalidInputError
+from xraybatch.settings import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+
+def to_display(image: XrayImage, cfg: PreprocessConfig) -> DisplayImage:
+    """Apply modality LUT, VOI (or a percentile window) and MONOCHROME1 inversion.
+
+    Parameters
+    ----------
+    image
+        A decoded single-frame grayscale radiograph.
+    cfg
+        ``percentile_window`` is used only where the file has no VOI LUT and no window.
+
+    Returns
+    -------
+    DisplayImage
+        float32 in [0, 1], bone bright, in the source geometry; ``notes`` lists what was applied.
+
+    Raises
+    ------
+    InvalidInputError
+        When the image is constant (no contrast to show) or its LUT attributes are unusable.
+    """
+    ds = image.dataset
+    notes: list[str] = []
+    try:
+        values = apply_modality_lut(image.pixels, ds)
+        if "ModalityLUTSequence" in ds:
+            notes.append("modality LUT applied")
+        elif float(ds.get("RescaleSlope", 1) or 1) != 1 or float(ds.get("RescaleIntercept", 0) or 0) != 0:
+            notes.append("rescale slope/intercept applied")
+        has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+        if has_voi:
+            prefer_lut = cfg.prefer_voi_lut or "WindowCenter" not in ds
+            windowed = apply_voi_lut(values, ds, index=0, prefer_lut=prefer_lut)
+            low, high = _voi_output_range(values, ds, prefer_lut)
+            used = "VOI LUT" if prefer_lut and "VOILUTSequence" in ds else "window center/width"
+            notes.append(f"{used} applied")
+        else:
+            windowed = values
+            low, high = percentile_window(values, cfg)
+            notes.append(f"no VOI in file: percentile window {cfg.percentile_window[0]}-{cfg.percentile_window[1]}")
+    except (ValueError, TypeError, KeyError, IndexError) as err:
+        raise InvalidInputError(f"modality/VOI LUT attributes are unusable: {err}") from err
+    display = _normalise(windowed, low, high)
+    if image.header.photometric_interpretation == "MONOCHROME1":
+        display = 1.0 - display
+        notes.append("MONOCHROME1 inverted")
+    return DisplayImage(pixels=display, notes=tuple(notes))
+
+
+def resample(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resample a 2-D float image to ``size`` (height, width) with SimpleITK, averaging when shrinking.
+
+    The aspect ratio is not kept: the whole image is stretched onto the model grid, as in training.
+    """
+    if pixels.ndim != 2:
+        raise ValueError(f"pixels must be 2-D, got shape {pixels.shape}")
+    out_h, out_w = int(size[0]), int(size[1])
+    img = sitk.GetImageFromArray(np.ascontiguousarray(pixels, dtype=np.float32))
+    in_w, in_h = img.GetSize()
+    shrink = [max(1, in_w // out_w), max(1, in_h // out_h)]
+    if shrink != [1, 1]:
+        img = sitk.BinShrink(img, shrink)
+        in_w, in_h = img.GetSize()
+    if (in_w, in_h) == (out_w, out_h):
+        return sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
+    # Map pixel centres: physical extent of the input (spacing 1) spread over the output grid.
+    spacing = (in_w / out_w, in_h / out_h)
+    origin = ((spacing[0] - 1.0) / 2.0, (spacing[1] - 1.0) / 2.0)
+    img.SetOrigin((0.0, 0.0))
+    img.SetSpacing((1.0, 1.0))
+    out = sitk.Resample(
+        img, (out_w, out_h), sitk.Transform(), sitk.sitkLinear, origin, spacing, img.GetDirection(), 0.0,
+        sitk.sitkFloat32, True,  # nearest-neighbour extrapolation at the borders instead of zeros
+    )
+    return sitk.GetArrayFromImage(out)
+
+
+def to_model_input(display: DisplayImage, size: tuple[int, int]) -> ModelInput:
+    """Resample a display image to a model's input ``size`` (height, width).
+
+    This is the transform training applies to every image (JPEG, PNG or DICOM), so a model sees the same
+    pixels in training and in production.
+    """
+    pixels = resample(display.pixels, size)
+    np.clip(pixels, 0.0, 1.0, out=pixels)
+    return ModelInput(pixels=pixels, source_shape=(display.pixels.shape[0], display.pixels.shape[1]))
+
+
+def _voi_output_range(values: np.ndarray, ds: Dataset, prefer_lut: bool) -> tuple[float, float]:
+    """The output range of the VOI transform: the extremes of the input type pushed through it."""
+    if np.issubdtype(values.dtype, np.integer):
+        info = np.iinfo(values.dtype)
+        probe = np.array([info.min, info.max], dtype=values.dtype)
+    else:
+        probe = np.array([-1e12, 1e12])
+    out = apply_voi_lut(probe, ds, index=0, prefer_lut=prefer_lut)
+    return float(np.min(out)), float(np.max(out))
+
+
+def percentile_window(values: np.ndarray, cfg: PreprocessConfig) -> tuple[float, float]:
+    """The robust window (low, high) used where a file carries no VOI: the configured percentiles."""
+    low, high = np.percentile(values, cfg.percentile_window)
+    return float(low), float(high)
+
+
+def _normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if not high > low:
+        raise InvalidInputError("the image has no contrast (all pixels map to one value)")
+    return np.clip((np.asarray(values, dtype=np.float64) - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def from_8bit(pixels: np.ndarray, cfg: PreprocessConfig) -> DisplayImage:
+    """A display image from an 8-bit grayscale or RGB picture (JPEG/PNG training data).
+
+    It gets the same percentile window as a DICOM file without VOI, so a training JPEG and the same
+    picture stored as MONOCHROME2 DICOM give identical model inputs.
+    """
+    if pixels.ndim == 3:
+        pixels = pixels[..., :3].mean(axis=2)
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale or 3-D colour array, got shape {pixels.shape}")
+    low, high = percentile_window(pixels, cfg)
+    return DisplayImage(pixels=_normalise(pixels, low, high), notes=("percentile window",))

@@ -1,0 +1,369 @@
+"""One frozen settings tree: defaults < TOML file < ``XRAYBATCH_*`` environment < CLI flags.
+
+Every field below carries its default and a comment. A TOML file uses the section names as tables::
+
+    workdir = "/var/lib/xraybatch"
+
+    [ingest]
+    views = ["PA", "AP"]
+
+    [db]
+    url = "postgresql+psycopg://xraybatch@db/xraybatch"
+
+Environment variables are ``XRAYBATCH_<SECTION>_<FIELD>`` (``XRAYBATCH_DB_URL``, ``XRAYBATCH_EXPLAIN_MAX_FINDINGS``)
+and ``XRAYBATCH_WORKDIR``; lists are comma-separated. Unknown keys and values of the wrong type raise
+``ConfigError`` at start-up, never at the first file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xraybatch.errors import ConfigError
+
+ENV_PREFIX = "XRAYBATCH_"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Which DICOM instances are chest radiographs we process (series selection as data)."""
+
+    modalities: tuple[str, ...] = ("CR", "DX", "DR")  # (0008,0060) Modality values accepted
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG")  # (0018,0015) BodyPartExamined accepted
+    accept_missing_body_part: bool = True  # many CR devices leave BodyPartExamined empty
+    views: tuple[str, ...] = ("PA", "AP")  # (0018,5101) ViewPosition accepted; laterals are not applicable
+    accept_missing_view: bool = True  # an empty ViewPosition is taken as frontal
+    min_size: int = 128  # smallest Rows/Columns we accept, in pixels
+    max_pixels: int = 80_000_000  # Rows*Columns above this is rejected before decoding (memory guard)
+    max_file_bytes: int = 1_000_000_000  # files larger than this are rejected unread
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How stored pixel values become the [0, 1] display image the models see."""
+
+    percentile_window: tuple[float, float] = (0.5, 99.5)  # robust window when the file has no VOI
+    prefer_voi_lut: bool = True  # use a VOI LUT Sequence over Window Center/Width when both exist
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How files flow through the stages."""
+
+    decode_processes: int = 2  # worker processes that decode and preprocess in parallel; 1 = in the main process
+    batch_size: int = 8  # images per forward pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model bundles to load and how to run them."""
+
+    bundles: tuple[str, ...] = ()  # bundle directories; empty = the bundles shipped with xraybatch
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (one per core)
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Grad-CAM for positive findings."""
+
+    enabled: bool = True  # compute heat maps for positive findings
+    max_findings: int = 3  # at most this many heat maps per image, highest probability first
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    """The results database."""
+
+    url: str = ""  # SQLAlchemy URL; empty = SQLite at WORKDIR/xraybatch.sqlite
+    auto_upgrade: bool = True  # apply Alembic migrations at start-up
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """DICOM objects written back into the study."""
+
+    secondary_capture: bool = True  # write the Grad-CAM overlay as a Secondary Capture
+    structured_report: bool = True  # write the TID 1500 Structured Report
+    sc_max_size: int = 1024  # longest side of the Secondary Capture, in pixels
+    institution: str = ""  # InstitutionName in Contributing Equipment; empty = copy from the source
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """The drop-folder daemon (``xraybatch watch``)."""
+
+    settle_seconds: float = 2.0  # a file is complete when its size and mtime are unchanged this long
+    poll_seconds: float = 0.5  # how often settled files are collected
+    rescan_seconds: float = 30.0  # full scan of the drop folder, a safety net for missed events
+    polling: bool = False  # watchdog's polling observer, for network filesystems where inotify sees nothing
+    ignore_patterns: tuple[str, ...] = ("*.part", "*.tmp", ".*")  # names ignored until renamed
+    after_done: str = "archive"  # processed and duplicate inputs: "archive" (WORKDIR/archive/) or "delete"
+    batch_wait_seconds: float = 1.0  # wait this long for a batch to fill while files are still arriving
+    lease_seconds: float = 300.0  # a claimed instance returns to the queue when its worker is silent this long
+    max_attempts: int = 3  # claims of one instance before it is failed and quarantined
+    grace_seconds: float = 30.0  # on SIGTERM/SIGINT: finish the batch within this, then exit anyway
+    heartbeat_seconds: float = 10.0  # how often a worker records that it is alive, renews its leases and reclaims expired ones
+    orphan_seconds: float = 60.0  # in-flight files no queue row knows for this long go back to the drop folder
+    retry_max_seconds: float = 30.0  # longest wait between retries of a transient fault (DB down, disk full)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    workdir: Path = Path("xraybatch-data")  # holds the SQLite DB, outbox/, inflight/, archive/, quarantine/
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    db: DbConfig = field(default_factory=DbConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+
+    @property
+    def db_url(self) -> str:
+        """The database URL in force: ``db.url`` or SQLite under ``workdir``."""
+        if self.db.url:
+            return self.db.url
+        return f"sqlite:///{(self.workdir / 'xraybatch.sqlite').resolve()}"
+
+    @property
+    def outbox(self) -> Path:
+        """Folder that receives the DICOM outputs."""
+        return self.workdir / "outbox"
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {name: hints[name] for name in hints if name != "workdir"}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a TOML or environment value to ``annotation``, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.lower() in {"1", "true", "yes", "on"}
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    elif origin is tuple:
+        args = typing.get_args(annotation)
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            items = [i.strip() if isinstance(i, str) else i for i in items]
+            if isinstance(value, str) and items == [""]:
+                items = []
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(i, args[0], where) for i in items)
+            if len(items) == len(args):
+                return tuple(_coerce(i, a, where) for i, a in zip(items, args))
+    elif origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported settings annotation {annotation!r}")
+    raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
+        annotation, str(annotation)
+    )
+
+
+def _apply(base: Any, updates: Mapping[str, Any], where: str) -> Any:
+    """Return ``base`` (a frozen dataclass) with ``updates`` applied and type-checked."""
+    hints = typing.get_type_hints(type(base))
+    known = {f.name for f in dataclasses.fields(base)}
+    changes: dict[str, Any] = {}
+    for key, value in updates.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown setting {where}{key!r}; known keys are {sorted(known)} "
+                "(see `xraybatch config show` for every setting and its default)"
+            )
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"[{key}] must be a table of settings, got {value!r}")
+            changes[key] = _apply(getattr(base, key), value, f"[{key}] ")
+        else:
+            changes[key] = _coerce(value, annotation, f"setting {where}{key}")
+    settings = dataclasses.replace(base, **changes)
+    _validate(settings)
+    return settings
+
+
+def _validate(obj: Any) -> None:
+    if isinstance(obj, PipelineConfig):
+        if obj.batch_size < 1:
+            raise ConfigError(f"[pipeline] batch_size must be >= 1, got {obj.batch_size}")
+        if obj.decode_processes < 1:
+            raise ConfigError(f"[pipeline] decode_processes must be >= 1, got {obj.decode_processes}")
+    elif isinstance(obj, ModelConfig):
+        if obj.threads < 0:
+            raise ConfigError(f"[model] threads must be >= 0, got {obj.threads}")
+    elif isinstance(obj, ExplainConfig) and obj.max_findings < 0:
+        raise ConfigError(f"[explain] max_findings must be >= 0, got {obj.max_findings}")
+    elif isinstance(obj, PreprocessConfig):
+        low, high = obj.percentile_window
+        if not 0.0 <= low < high <= 100.0:
+            raise ConfigError(
+                f"[preprocess] percentile_window must be two percentiles 0 <= low < high <= 100, got {low, high}"
+            )
+    elif isinstance(obj, IngestConfig):
+        if obj.min_size < 1 or obj.max_pixels < obj.min_size**2:
+            raise ConfigError("[ingest] min_size must be >= 1 and max_pixels >= min_size**2")
+    elif isinstance(obj, WatchConfig):
+        if obj.after_done not in ("archive", "delete"):
+            raise ConfigError(f"[watch] after_done must be 'archive' or 'delete', got {obj.after_done!r}")
+        if obj.max_attempts < 1 or min(obj.settle_seconds, obj.poll_seconds, obj.lease_seconds) <= 0:
+            raise ConfigError("[watch] max_attempts must be >= 1 and the times must be > 0")
+    elif isinstance(obj, OutputConfig) and obj.sc_max_size < 64:
+        raise ConfigError(f"[output] sc_max_size must be >= 64, got {obj.sc_max_size}")
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Collect ``XRAYBATCH_<SECTION>_<FIELD>`` and ``XRAYBATCH_WORKDIR`` into a nested mapping."""
+    sections = _section_types()
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key == "workdir":
+            out["workdir"] = value
+            continue
+        for section, cls in sections.items():
+            prefix = section + "_"
+            if key.startswith(prefix):
+                field_name = key[len(prefix) :]
+                if field_name not in {f.name for f in dataclasses.fields(cls)}:
+                    raise ConfigError(f"unknown environment variable {name}: [{section}] has no {field_name!r}")
+                out.setdefault(section, {})[field_name] = value
+                break
+        else:
+            if key != "config":
+                raise ConfigError(
+                    f"unknown environment variable {name}; use XRAYBATCH_<SECTION>_<FIELD> with a section "
+                    f"among {sorted(sections)} or XRAYBATCH_WORKDIR"
+                )
+    return out
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve the settings: defaults < ``config_file`` < environment < ``overrides``.
+
+    Parameters
+    ----------
+    config_file
+        A TOML file; ``None`` reads none (``XRAYBATCH_CONFIG`` names one too).
+    overrides
+        Nested mapping from CLI flags, e.g. ``{"workdir": "...", "db": {"url": "..."}}``; ``None`` values are
+        ignored.
+    environ
+        The environment to read; ``os.environ`` when omitted.
+
+    Raises
+    ------
+    ConfigError
+        For an unreadable file, an unknown key or a value of the wrong type.
+    """
+    environ = os.environ if environ is None else environ
+    settings = Settings()
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENV_PREFIX + "CONFIG"])
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file {config_file} does not exist") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {err}") from err
+        settings = _apply(settings, data, "")
+    settings = _apply(settings, _from_environment(environ), "")
+    if overrides:
+        settings = _apply(settings, _drop_none(overrides), "")
+    return settings
+
+
+def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            nested = _drop_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def as_toml(settings: Settings) -> str:
+    """Render ``settings`` as TOML text (for ``xraybatch config show``)."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        if isinstance(value, tuple):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def entry(obj: Any, name: str) -> str:
+        comment = _field_comments(type(obj)).get(name)
+        return f"{name} = {fmt(getattr(obj, name))}" + (f"  # {comment}" if comment else "")
+
+    lines = [entry(settings, "workdir")]
+    for section in _section_types():
+        sub = getattr(settings, section)
+        lines += ["", f"[{section}]  # {(type(sub).__doc__ or '').strip()}"]
+        lines += [entry(sub, f.name) for f in dataclasses.fields(sub)]
+    return "\n".join(lines) + "\n"
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a settings dataclass's source: its documentation."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
+    return {m[1]: m[2].strip() for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
