@@ -43,6 +43,7 @@ from types import FrameType
 
 from xraybatch.domain import Outcome, State, file_ref
 from xraybatch.errors import PersistError
+from xraybatch.files import fsync_dir
 from xraybatch.pipeline import Processor, read_received
 from xraybatch.settings import Settings
 from xraybatch.watch import FolderWatcher
@@ -56,14 +57,6 @@ class _RetryLater(Exception):
     """Some files of a batch met a transient fault and went back to the queue: back off, then go on."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_json(path: Path, data: dict[str, object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -71,7 +64,7 @@ def _atomic_json(path: Path, data: dict[str, object]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _warm_up() -> None:
@@ -345,7 +338,7 @@ class Daemon:
             if dest is None and not (outcome.state in _TO_ARCHIVE and self.cfg.after_done == "delete"):
                 logger.warning("instance %d: its file %s is gone", instance_id, file_ref(src), extra=self._log)
         if dest is not None:
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         with self.processor.sessions() as s:  # type: ignore[union-attr]
             queue.set_file_path(s, instance_id, str(dest) if dest else None)
 

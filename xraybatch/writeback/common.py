@@ -24,6 +24,7 @@ from pydicom.valuerep import validate_value
 from xraybatch import __version__
 from xraybatch.domain import Prediction
 from xraybatch.errors import WriteBackError
+from xraybatch.files import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def atomic_write(ds: Dataset, path: Path) -> None:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as err:
         raise WriteBackError(
             f"could not write {path}: {err.strerror or err}; check that the outbox folder is a writable "
@@ -208,11 +209,3 @@ def atomic_write(ds: Dataset, path: Path) -> None:
             f"could not encode {path.name}: {err}; the dataset holds an invalid value"
         ) from err
     logger.debug("wrote %s", path, extra={"sop_instance_uid": str(ds.SOPInstanceUID), "stage": "writeback"})
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
