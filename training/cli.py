@@ -239,13 +239,21 @@ def _echo_summary(bundle: Path) -> None:
     if meta["task"] == "multilabel":
         click.echo(f"bundle {bundle}: validation mean AUROC {m['mean_auroc']:.4f} over {m['findings_with_auroc']} "
                    f"findings (n={m['n']}, temperature {meta['temperature'][0]})")
-        for name, c in m["per_target"].items():
-            click.echo(f"  {name:<18} AUROC {c['auroc']:.4f} threshold {c['threshold']:.4f} precision "
-                       f"{c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f} support {c['support_pos']}")
+        _echo_per_target(m)
         return
     click.echo(f"bundle {bundle}: validation accuracy {m['accuracy']:.4f}, AUROC {m['auroc']:.4f}, "
                f"threshold {m['threshold']:.4f}")
-    for name, c in m["per_class"].items():
+    _echo_per_class(m)
+
+
+def _echo_per_target(metrics: Mapping[str, Any]) -> None:
+    for name, c in metrics["per_target"].items():
+        click.echo(f"  {name:<18} AUROC {c['auroc']:.4f} threshold {c['threshold']:.4f} precision "
+                   f"{c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f} support {c['support_pos']}")
+
+
+def _echo_per_class(metrics: Mapping[str, Any]) -> None:
+    for name, c in metrics["per_class"].items():
         click.echo(f"  {name:<10} precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f} "
                    f"support {c['support']}")
 
@@ -312,6 +320,7 @@ def evaluate(bundle: Path, data: Path, layout: str, split: str, report: Path | N
     Example:
         xraybatch train evaluate xraybatch/bundles/pneumonia-binary --data ../shared/data/kermany --split val
         xraybatch train evaluate my-bundle --data ../shared/data/kermany --split manifest-val --report eval.md
+        xraybatch train evaluate xraybatch/bundles/nih-multilabel --data /data/nih --split test
     """
     from training.evaluate import evaluate_bundle
     from xraybatch.errors import ModelError
@@ -321,11 +330,14 @@ def evaluate(bundle: Path, data: Path, layout: str, split: str, report: Path | N
                                   cache_dir=Path(cache_dir) if cache_dir else None)
     except (ValueError, FileNotFoundError, ModelError) as err:
         raise click.ClickException(str(err)) from err
+    if "per_target" in metrics:
+        click.echo(f"{bundle} on {data} ({split}, n={metrics['n']}): mean AUROC {metrics['mean_auroc']:.4f} over "
+                   f"{metrics['findings_with_auroc']} findings")
+        _echo_per_target(metrics)
+        return
     click.echo(f"{bundle} on {data} ({split}, n={metrics['n']}): accuracy {metrics['accuracy']:.4f}, "
                f"AUROC {metrics['auroc']:.4f}, threshold {metrics['threshold']:.4f}")
-    for name, c in metrics["per_class"].items():
-        click.echo(f"  {name:<10} precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f} "
-                   f"support {c['support']}")
+    _echo_per_class(metrics)
     click.echo(f"  confusion (rows true, cols predicted): {metrics['confusion_matrix']['rows_true_cols_pred']}")
 
 

@@ -372,6 +372,10 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
         "",
         "## How it was trained",
         f"- Command: `{prov['command']}`",
+        *([("- Reproduce from a clean checkout: `make install`, then run the command above from the repository root "
+            "with the NIH data at `../shared/data/nih_cxr14`; the recipe is `training/configs/multilabel.toml`, "
+            "which `train multilabel` starts from. Randomness comes from the seed and the epoch only (same machine, "
+            "same numbers); the input cache is rebuilt when missing.")] if multilabel else []),
         (f"- Git revision: `{prov['git_revision']}`; seed {cfg['seed']}; {prov['epochs_run']} epochs run "
         f"(best epoch {prov['best_epoch']}), {prov['seconds_per_epoch']:.0f} s per epoch on {prov['device']} "
         f"({prov['threads']} threads), {prov['total_minutes']:.1f} min in total."),
@@ -443,7 +447,7 @@ def _multilabel_limits(meta: dict[str, Any]) -> list[str]:
     few = [t for t, m in val["per_target"].items() if m["support_pos"] < 10]
     fallback = [t for t, m in val["per_target"].items() if m.get("rule") == "prevalence"]
     sizes = prov.get("image_sizes", {})
-    return [
+    lines = [
         (f"- Data is scarce: {prov['images']['total']} training images of the 112,120 in NIH ChestX-ray14 "
          f"({prov['images']['train']} train / {prov['images']['val']} validation), by source size {sizes}. The "
          "64 px images are upsampled to the model input and carry little detail."),
@@ -460,6 +464,20 @@ def _multilabel_limits(meta: dict[str, Any]) -> list[str]:
          "repeat-factor sampling and class weights they still lean towards positives for rare findings."),
         "- The model does not localise; Grad-CAM maps of the positive findings are a hint only.",
     ]
+    history = prov.get("history", [])
+    curve = [h["val_auroc"] for h in history if h["val_auroc"] == h["val_auroc"]]
+    if len(curve) > 1:
+        lines.insert(2, (
+            f"- The best epoch was chosen on the same validation images whose metrics are shown: the validation mean "
+            f"AUROC moved between {min(curve):.3f} and {max(curve):.3f} from epoch to epoch, and the reported "
+            f"{val['mean_auroc']:.3f} is the maximum of that noisy curve, so expect less on new images."))
+    busy = [t for t, m in val["per_target"].items() if t != "No Finding" and m.get("predicted_pos", 0) > val["n"] / 4]
+    if busy:
+        lines.insert(3, (
+            f"- The F1 rule with a recall floor of {prov['config']['min_recall']} picks low thresholds where the "
+            f"ranking is weak: {', '.join(busy)} are called positive on more than a quarter of the validation images. "
+            "Read the probabilities, not only the present/absent calls."))
+    return lines
 
 
 def evaluate_bundle(
@@ -472,14 +490,17 @@ def evaluate_bundle(
     cache_dir: Path | None = None,
     batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Metrics of a binary bundle on labelled data, computed with the production :class:`Predictor`.
+    """Metrics of a bundle on labelled data, computed with the production :class:`Predictor`.
+
+    Binary bundles: :func:`binary_metrics`; multi-label bundles: :func:`multilabel_metrics` at the bundle's
+    thresholds (e.g. an NIH download's official ``test`` list).
 
     ``split="manifest-val"`` scores the validation side recorded in the bundle's split manifest.
 
     Raises
     ------
     ValueError
-        When the bundle is not binary or the data has a single class.
+        When the data has a single class (binary) or other targets than the bundle (multi-label).
     """
     from training.datasets import load_inputs, scan
     from training.splits import split_from_manifest
@@ -489,8 +510,6 @@ def evaluate_bundle(
     from xraybatch.settings import PreprocessConfig
 
     spec = read_bundle(bundle)
-    if spec.task != "binary":
-        raise ValueError(f"{bundle} is a {spec.task} bundle; evaluate handles binary bundles")
     set_threads(threads)
     predictor = Predictor(spec)
     pre_values = {k: v for k, v in spec.meta.get("preprocessing", {}).items() if k != "function"}
@@ -507,11 +526,24 @@ def evaluate_bundle(
     probs = []
     for start in range(0, len(inputs), batch_size):
         batch = [ModelInput(pixels=px, source_shape=px.shape) for px in inputs[start:start + batch_size]]
-        probs += [p.probabilities[0] for p in predictor.predict(batch)]
+        probs += [p.probabilities for p in predictor.predict(batch)]
+    if spec.task == "multilabel":
+        if images.targets != spec.targets:
+            raise ValueError(f"{data} has targets {list(images.targets)}, the bundle {list(spec.targets)}")
+        labels, pm = images.labels(), np.asarray(probs)
+        metrics = multilabel_metrics(labels, pm, spec.targets, spec.thresholds)
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            names = write_multilabel_plots(report.parent, labels, pm, spec.thresholds, spec.targets,
+                                           f"{report.stem}_{split}".replace("-", "_"))
+            text = [f"# {spec.model_id} on {data} ({split})", "", multilabel_table(metrics), ""]
+            text += [f"![ROC per target]({names[0]}) ![calibration]({names[1]})", ""]
+            report.write_text("\n".join(text), encoding="utf-8")
+        return metrics
     y = images.labels()[:, 0]
     if len(set(y.tolist())) != 2:
         raise ValueError(f"{data} ({split}) has only one class; metrics need Normal and Pneumonia images")
-    p = np.asarray(probs)
+    p = np.asarray(probs)[:, 0]
     metrics = binary_metrics(y, p, spec.thresholds[0])
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def _configure_logging(verbose: int, log_format: str) -> None:
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)] + [handler]
     root.setLevel(level)
     logging.getLogger("training").handlers = [handler]
-    logging.getLogger("training").setLevel(level)
+    logging.getLogger("training").setLevel(min(level, logging.INFO))  # epoch lines are what a training run is for
 
 
 def settings_options(func: F) -> F:

@@ -286,6 +286,12 @@ def test_one_epoch_multilabel_bundle(nih: Path, tmp_path: Path) -> None:
     pixels = np.full((32, 32), 0.5, dtype=np.float32)
     (pred,) = Predictor(spec).predict([ModelInput(pixels=pixels, source_shape=pixels.shape)])
     assert pred.targets == NIH_TARGETS and len(pred.probabilities) == len(pred.thresholds) == 15
+    # `evaluate` scores the bundle's validation side through the Predictor and agrees with model.json
+    scored = CliRunner().invoke(train_group, ["evaluate", str(out), "--data", str(nih), "--split", "manifest-val",
+                                              "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    assert scored.exit_code == 0, scored.output + repr(scored.exception)
+    mean = meta["metrics"]["validation"]["mean_auroc"]
+    assert f"mean AUROC {mean:.4f}" in scored.output and "Pleural_Thickening" in scored.output
 
 
 def test_resnet50_builds_for_fifteen_targets_on_tiny_input() -> None:
