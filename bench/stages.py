@@ -10,6 +10,7 @@ data keeps its encoding. Numbers depend on the machine: compare ratios on the sa
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import statistics
 import tempfile
@@ -64,6 +65,10 @@ def stages(path: Path, bundles: tuple[str, ...], repeat: int) -> None:
     any_input = next(iter(inputs.values()))
     t, heatmaps = _median(lambda: explain.gradcam(predictors, feats, 0, any_input, forced, everything), repeat)
     rows.append((f"Grad-CAM, all {len(heatmaps)} targets, head-only backward + map to source", t))
+    for m, predictor in enumerate(predictors):  # the Grad-CAM alone, without mapping the maps to the source grid
+        targets = list(range(len(preds[m].targets)))
+        t, _ = _median(functools.partial(explain.head_cams, predictor, feats[m].activations[0:1], targets), repeat)
+        rows.append((f"  of which head-only Grad-CAM, {len(targets)} targets of {predictor.spec.name}", t))
     t, heatmaps3 = _median(lambda: explain.gradcam(predictors, feats, 0, any_input, forced, cfg), repeat)
     rows.append((f"Grad-CAM, max_findings={cfg.max_findings}", t))
     with tempfile.TemporaryDirectory() as tmp:

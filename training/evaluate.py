@@ -500,7 +500,8 @@ def evaluate_bundle(
     Raises
     ------
     ValueError
-        When the data has a single class (binary) or other targets than the bundle (multi-label).
+        When the data has a single class or no labels of the bundle's target (binary), or other targets than
+        the bundle (multi-label).
     """
     from training.datasets import load_inputs, scan
     from training.splits import split_from_manifest
@@ -540,7 +541,9 @@ def evaluate_bundle(
             text += [f"![ROC per target]({names[0]}) ![calibration]({names[1]})", ""]
             report.write_text("\n".join(text), encoding="utf-8")
         return metrics
-    y = images.labels()[:, 0]
+    if spec.targets[0] not in images.targets:
+        raise ValueError(f"{data} has no {spec.targets[0]!r} labels (targets {list(images.targets)})")
+    y = images.labels()[:, images.targets.index(spec.targets[0])]  # NIH data: the Pneumonia column
     if len(set(y.tolist())) != 2:
         raise ValueError(f"{data} ({split}) has only one class; metrics need Normal and Pneumonia images")
     p = np.asarray(probs)[:, 0]

@@ -5,7 +5,6 @@ streaming, and one tiny epoch through `xraybatch train multilabel`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +55,6 @@ val_fraction = 0.3
 threads = 1
 extra_eval = []
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_state() -> Iterator[None]:
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +310,16 @@ def test_tune_one_multilabel_trial(nih: Path, tmp_path: Path) -> None:
     trial = optuna.load_study(study_name="m", storage=f"sqlite:///{storage}").trials[0]
     assert {"lr", "batch_size", "focal_gamma", "max_class_weight", "min_recall", "sampling"} <= set(trial.params)
     assert {"mean_f1", "auroc"} <= set(trial.user_attrs)
+
+
+def test_evaluate_a_binary_bundle_on_nih_data_scores_the_pneumonia_column(nih: Path, tmp_path: Path) -> None:
+    from tests.conftest import make_tiny_bundle
+    from training.datasets import scan
+    from training.evaluate import evaluate_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "tiny-binary", size=32)
+    images = scan(nih, "nih", "train_val")
+    pneumonia = int(images.labels()[:, NIH_TARGETS.index("Pneumonia")].sum())
+    assert 0 < pneumonia < len(images.samples) and pneumonia != int(images.labels()[:, 0].sum())
+    metrics = evaluate_bundle(bundle, nih, layout="nih", split="train_val", threads=1)
+    assert metrics["per_class"]["Pneumonia"]["support"] == pneumonia

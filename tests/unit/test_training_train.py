@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +28,6 @@ lr = 0.003
 val_fraction = 0.3
 threads = 1
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_state() -> Iterator[None]:
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from training.cli import train as train_group
@@ -24,14 +22,6 @@ val_fraction = 0.4
 threads = 1
 epochs = 1
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_state() -> Iterator[None]:
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
 
 
 def test_two_trials_then_resume(tmp_path: Path) -> None:
