@@ -28,7 +28,7 @@ def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="TOML file of TrainConfig fields (e.g. training/configs/binary.toml)."),
         click.option("--layout", type=click.Choice(["auto", "kermany", "nih", "dicom"]), help="Data layout."),
         click.option("--architecture", type=click.Choice(ARCHITECTURES), help="Network."),
-        click.option("--init", help="imagenet | none | PATH to a weights file."),
+        click.option("--init", help="imagenet | none | bundle:NAME (a shipped bundle, e.g. bundle:pneumonia-binary) | PATH to a weights file."),
         click.option("--input-size", type=int, help="Model input size in pixels (square)."),
         click.option("--freeze", type=int, help="Leading feature modules kept frozen (0 = train all)."),
         click.option("--epochs", type=int, help="Maximum epochs."),

@@ -9,6 +9,9 @@
     A ``.pth``/``.pt``/``.safetensors`` state dict: our own layout, the efficientnet_pytorch Lite0 layout
     (mapped), or torchvision's ResNet-50 layout (mapped). The classifier is re-initialised when its shape
     differs from the new head.
+``bundle:NAME``
+    The weights of the bundle shipped as ``xraybatch/bundles/NAME`` (sha256 checked), e.g.
+    ``bundle:pneumonia-binary``: its chest-radiograph backbone, with a new head.
 ``none``
     Random initialisation.
 
@@ -28,7 +31,7 @@ from xraybatch.models.nets import EFFICIENTNET_LITE0_STAGES, XrayNet
 
 logger = logging.getLogger(__name__)
 
-INIT_CHOICES = ("imagenet", "none")  # or a path to a weights file
+INIT_CHOICES = ("imagenet", "none")  # or bundle:NAME, or a path to a weights file
 
 
 def lite0_package_file() -> Path:
@@ -144,6 +147,25 @@ def adapt_input_channels(state: dict[str, torch.Tensor], net: XrayNet) -> dict[s
     return state
 
 
+def shipped_bundle_weights(name: str) -> Path:
+    """The weights file of the shipped bundle ``name``, after checking its sha256 against its model.json.
+
+    Raises
+    ------
+    FileNotFoundError
+        When no bundle of that folder name is shipped.
+    """
+    from xraybatch.models.registry import SHIPPED_BUNDLES, read_bundle, verify_weights
+
+    folder = SHIPPED_BUNDLES / name
+    if not (folder / "model.json").is_file():
+        shipped = sorted(p.name for p in SHIPPED_BUNDLES.iterdir() if (p / "model.json").is_file())
+        raise FileNotFoundError(f"--init bundle:{name}: no shipped bundle of that name; shipped: {shipped}")
+    spec = read_bundle(folder)
+    verify_weights(spec)
+    return spec.weights_file
+
+
 def load_initial_weights(net: XrayNet, architecture: str, init: str) -> list[str]:
     """Load ``init`` (see the module docstring) into ``net`` in place; returns the keys left at random init.
 
@@ -171,10 +193,14 @@ def load_initial_weights(net: XrayNet, architecture: str, init: str) -> list[str
                 ) from err
         else:
             raise ValueError(f"no ImageNet weights for {architecture!r}; use --init none or --init PATH")
+    elif init.startswith("bundle:"):
+        state = _read_state(shipped_bundle_weights(init.removeprefix("bundle:")))
     else:
         path = Path(init)
         if not path.is_file():
-            raise FileNotFoundError(f"--init {init!r} is neither one of {INIT_CHOICES} nor a weights file")
+            raise FileNotFoundError(
+                f"--init {init!r} is neither one of {INIT_CHOICES}, bundle:NAME, nor a weights file"
+            )
         state = _read_state(path)
     state = adapt_input_channels(_to_our_names(state, architecture), net)
     own = net.state_dict()

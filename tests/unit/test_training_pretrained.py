@@ -90,3 +90,19 @@ def test_bad_init() -> None:
         load_initial_weights(net, "separable_cnn", "no-such-file.pth")
     with pytest.raises(ValueError, match="no ImageNet weights"):
         load_initial_weights(net, "separable_cnn", "imagenet")
+
+
+def test_init_from_a_shipped_bundle_keeps_its_backbone_and_gives_a_new_head() -> None:
+    from safetensors.torch import load_file
+
+    from training.pretrained import shipped_bundle_weights
+
+    weights = shipped_bundle_weights("pneumonia-binary")
+    net = build_network("efficientnet_lite0", num_outputs=15, in_channels=1)
+    assert load_initial_weights(net, "efficientnet_lite0", "bundle:pneumonia-binary") == [
+        "head.3.bias", "head.3.weight"
+    ]
+    source = load_file(weights)
+    assert all(torch.equal(v, source[k]) for k, v in net.state_dict().items() if not k.startswith("head.3"))
+    with pytest.raises(FileNotFoundError, match="no shipped bundle"):
+        load_initial_weights(net, "efficientnet_lite0", "bundle:no-such-bundle")
