@@ -452,9 +452,11 @@ def _multilabel_limits(meta: dict[str, Any]) -> list[str]:
          f"({prov['images']['train']} train / {prov['images']['val']} validation), by source size {sizes}. The "
          "64 px images are upsampled to the model input and carry little detail."),
         (f"- Validation support is tiny: {', '.join(few) or 'none'} have fewer than 10 validation positives, so their "
-         "AUROC, precision, recall and F1 have wide confidence intervals (one image moves them by several points); "
-         f"thresholds of {', '.join(fallback) or 'no target'} are prevalence-based (fewer than "
-         f"{MIN_THRESHOLD_POSITIVES} validation positives)."),
+         "AUROC, precision, recall and F1 have wide confidence intervals (one image moves them by several points). "
+         + (f"The thresholds of {', '.join(fallback)} are prevalence-based (fewer than {MIN_THRESHOLD_POSITIVES} "
+            "validation positives)." if fallback else
+            f"Every threshold is F1-based (each target had at least {MIN_THRESHOLD_POSITIVES} validation "
+            "positives).")),
         ("- NIH labels were mined from radiology reports by NLP (estimated > 90% accurate overall, much less for "
          "some findings); the validation side is part of the official train_val list, and the official test list "
          "(held out) may score differently. Reference: CheXNet reports a mean AUROC of 0.841 trained on the full "
