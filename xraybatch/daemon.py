@@ -13,7 +13,8 @@ The life of a file::
   processing an instance again after a crash rewrites the same SR and SC.
 - A worker renews the leases of its claimed rows with its heartbeat, also during a long batch. A worker
   killed mid-batch leaves ``processing`` rows: a restarted worker on the same host takes back those of dead
-  processes at once; other hosts take them back when the lease expires.
+  processes at once; other hosts take them back when the lease expires. A worker that was only paused past
+  its lease finds its rows taken when it resumes: it stores nothing for them and leaves their files alone.
 - At start-up and every ``orphan_seconds`` a worker also finishes file moves that a crash or a fault
   interrupted (final rows whose file is still in ``inflight/``) and returns orphans (files in ``inflight/``
   that no row names, older than ``orphan_seconds``) to the drop folder as ``recovered-<uuid>``.
@@ -114,7 +115,7 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         while self.processor is None and not self.stop.is_set():
             with self._transient("opening the models and the results DB"):
-                self.processor = Processor.open(self.settings)
+                self.processor = Processor.open(self.settings, self.worker_id)
         if self.processor is None:
             return 0
         _warm_up()
@@ -264,6 +265,8 @@ class Daemon:
             outcomes = self.processor.process_claimed(claimed)  # type: ignore[union-attr]
         retry = ""
         for item, outcome in zip(claimed, outcomes):
+            if not outcome.recorded:
+                continue  # the lease was lost (see repo.finish): the worker that holds the row now files it away
             if outcome.retryable and item.attempts < self.cfg.max_attempts:
                 with sessions() as s:
                     requeued = queue.requeue(s, item.instance_id, outcome.reason)

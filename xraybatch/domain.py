@@ -154,3 +154,4 @@ class Outcome:
     notes: tuple[str, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)  # seconds per stage
     retryable: bool = False  # a transient fault (disk full, outbox unwritable): try the file again later
+    recorded: bool = True  # False: the worker's lease was lost and another worker holds the instance now

@@ -159,18 +159,26 @@ def _log(outcome: Outcome) -> None:
 class Processor:
     """Model bundles and the results DB, loaded once; processes batches of files."""
 
-    def __init__(self, settings: Settings, predictors: Sequence[Predictor], sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        predictors: Sequence[Predictor],
+        sessions: sessionmaker[Session],
+        worker_id: str | None = None,
+    ) -> None:
         self.settings = settings
         self.predictors = list(predictors)
         self.sessions = sessions
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"  # who claims; finish checks it
         self.model_set = ",".join(sorted(p.spec.model_id for p in self.predictors))
         self._sizes = sorted({p.spec.input.size for p in self.predictors})
         self._pool: ProcessPoolExecutor | None = None
 
     @classmethod
-    def open(cls, settings: Settings) -> Processor:
+    def open(cls, settings: Settings, worker_id: str | None = None) -> Processor:
         """Load the model bundles and open (and migrate) the results database.
+
+        ``worker_id`` names the claims of this process (``xraybatch watch`` passes its own); ``host:pid`` by default.
 
         Raises
         ------
@@ -194,7 +202,7 @@ class Processor:
         sessions = session.make_sessionmaker(session.make_engine(url))
         with sessions() as s:
             repo.register_models(s, specs)
-        return cls(settings, predictors, sessions)
+        return cls(settings, predictors, sessions, worker_id)
 
     # -- per file, before inference ---------------------------------------------------------------------
 
@@ -223,15 +231,13 @@ class Processor:
             if instance_id is None:
                 where = f" (instance {live.id}, state {live.state})" if live is not None else ""
                 duplicate = Outcome(path, State.DUPLICATE, f"SOP Instance UID already received{where}", header)
-                self._record(duplicate, None)
-                return duplicate
+                return self._record(duplicate, None)
             ingest.select(header, cfg.ingest)
             ingest.check_image(header, ds, cfg.ingest)
             return _Admitted(instance_id, path, header, clock.timings)
         except Exception as err:  # noqa: BLE001 - the per-file boundary
             outcome = _failure(path, header, err, clock.timings)
-        self._record(outcome, instance_id)
-        return outcome
+        return self._record(outcome, instance_id)
 
     def _admit_claimed(self, claimed: Claimed) -> _Admitted | Outcome:
         """Header and selection for a row already claimed from the queue (``xraybatch watch``)."""
@@ -247,8 +253,7 @@ class Processor:
             return _Admitted(claimed.instance_id, received, header, clock.timings)
         except Exception as err:  # noqa: BLE001 - the per-file boundary
             outcome = _failure(received, header, err, clock.timings)
-        self._record(outcome, claimed.instance_id)
-        return outcome
+        return self._record(outcome, claimed.instance_id)
 
     def _prepare(self, admitted: Sequence[_Admitted]) -> list[_Prepared | Outcome]:
         """Decode and preprocess, in worker processes when configured; failures become final Outcomes."""
@@ -284,19 +289,23 @@ class Processor:
                 ))
             else:
                 outcome = _failure(a.received_path, a.header, result, a.timings)
-                self._record(outcome, a.instance_id)
-                prepared.append(outcome)
+                prepared.append(self._record(outcome, a.instance_id))
         return prepared
 
-    def _record(self, outcome: Outcome, instance_id: int | None) -> None:
+    def _record(self, outcome: Outcome, instance_id: int | None) -> Outcome:
+        """Store ``outcome`` (on the claimed row ``instance_id``, if any) and log it; ``recorded`` says whether it was.
+
+        A claimed row is finished only while this worker still holds it (:func:`~xraybatch.db.repo.finish`).
+        """
         from xraybatch.db import repo
 
         with self.sessions() as s:
             if instance_id is None:
                 repo.record_unclaimed(s, outcome, self.model_set)
-            else:
-                repo.finish(s, instance_id, outcome)
+            elif not repo.finish(s, instance_id, outcome, worker_id=self.worker_id):
+                return replace(outcome, recorded=False)
         _log(outcome)
+        return outcome
 
     # -- per batch --------------------------------------------------------------------------------------
 
@@ -330,8 +339,7 @@ class Processor:
                         item.received_path, State.FAILED, f"internal error during inference: {err}",
                         item.image.header, timings=item.timings,
                     )
-                    self._record(outcome, item.instance_id)
-                    finished[item.instance_id] = outcome
+                    finished[item.instance_id] = self._record(outcome, item.instance_id)
         return [finished[r.instance_id] if isinstance(r, _Prepared) else r for r in results]
 
     def close(self) -> None:
@@ -386,7 +394,7 @@ class Processor:
                     predictions,
                 )
             persist = time.perf_counter()
-            self._record(outcome, item.instance_id)
+            outcome = self._record(outcome, item.instance_id)
             outcome = replace(outcome, timings={**outcome.timings, "persist": time.perf_counter() - persist})
             outcomes[item.instance_id] = outcome
         return outcomes

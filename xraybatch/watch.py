@@ -114,8 +114,14 @@ class FolderWatcher:
                 self.note(Path(dirpath) / name)
 
     def pending(self) -> int:
-        """Files seen that have not settled yet."""
+        """Files seen that have not settled yet and are still there.
+
+        A file can be gone without an event that says so: one handed out by :meth:`ready` and noted again by a
+        late event of its own writing before a worker took it away.
+        """
         with self._lock:
+            for path in [p for p in self._seen if not p.exists()]:
+                del self._seen[path]
             return len(self._seen)
 
     def ready(self) -> list[Path]:

@@ -27,17 +27,17 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import make_tiny_bundle
 from tests.integration import throwaway_postgres_database
 from tests.synth import chest_pixels, make_dataset
-from xraybatch.db import queue
+from xraybatch.db import queue, repo
 from xraybatch.db.session import make_engine, make_sessionmaker, upgrade
-from xraybatch.db.tables import Instance
-from xraybatch.domain import InstanceHeader
+from xraybatch.db.tables import Instance, PredictionRow
+from xraybatch.domain import InstanceHeader, Outcome, Prediction, State
 from xraybatch.models.findings import NIH_TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -387,6 +387,57 @@ def test_an_instance_claimed_too_often_is_given_up(queue_db: sessionmaker[Sessio
     assert [(g.instance_id, g.attempts, g.file_path) for g in given_up] == [(row_id, 2, "/w/inflight/0")]
 
 
+def test_a_worker_that_lost_its_lease_stores_nothing(queue_db: sessionmaker[Session]) -> None:
+    [row_id] = _enqueue(queue_db, 1)
+    paused, taker = "host:1:paused", "host:2:taker"
+    done = Outcome(Path("/in/0"), State.DONE, header=_header("1.2.0"),
+                   predictions=(Prediction("tiny", "1", ("Pneumonia",), (0.9,), (0.5,)),))
+    with queue_db() as s:
+        queue.claim_batch(s, paused, 1, 0.01)
+    time.sleep(0.05)  # the paused worker's lease runs out; another worker takes the row back
+    with queue_db() as s:
+        assert queue.reclaim_expired(s, max_attempts=3) == (1, [])
+        assert repo.finish(s, row_id, done, worker_id=paused) is False  # queued again: not the paused one's
+        [claimed] = queue.claim_batch(s, taker, 1, 60)
+        assert claimed.instance_id == row_id
+        assert repo.finish(s, row_id, done, worker_id=paused) is False  # processing, but under the taker
+    with queue_db() as s:
+        row = s.get(Instance, row_id)
+        assert row is not None and (row.state, row.worker_id) == ("processing", taker)
+        assert s.scalar(select(func.count()).select_from(PredictionRow)) == 0
+        assert repo.finish(s, row_id, done, worker_id=taker) is True
+    with queue_db() as s:
+        row = s.get(Instance, row_id)
+        assert row is not None and (row.state, row.worker_id) == ("done", taker)
+        assert s.scalar(select(func.count()).select_from(PredictionRow)) == 1
+
+
+def test_a_processor_whose_claim_was_taken_leaves_the_row_to_its_new_owner(
+    tmp_path: Path, binary_bundle: Path
+) -> None:
+    from xraybatch.pipeline import Processor
+    from xraybatch.settings import load_settings
+
+    settings = load_settings(None, {"workdir": tmp_path / "work", "model": {"bundles": [str(binary_bundle)]},
+                                    "pipeline": {"decode_processes": 1}}, environ={})
+    processor = Processor.open(settings, "host:1:paused")
+    try:
+        source = tmp_path / "chest.dcm"
+        source.write_bytes(dicom_bytes(7))
+        with processor.sessions() as s:
+            row_id = queue.enqueue(s, _header(sop_uid(source.read_bytes())), str(source), str(source),
+                                   processor.model_set)
+            [claimed] = queue.claim_batch(s, "host:2:taker", 1, 60)  # not this processor's claim
+        [outcome] = processor.process_claimed([claimed])
+        assert (outcome.state, outcome.recorded) == (State.DONE, False)
+        with processor.sessions() as s:
+            row = s.get(Instance, row_id)
+            assert row is not None and (row.state, row.worker_id) == ("processing", "host:2:taker")
+            assert s.scalar(select(func.count()).select_from(PredictionRow)) == 0
+    finally:
+        processor.close()
+
+
 def test_release_dead_local_takes_back_rows_of_stopped_processes_on_this_host(
     queue_db: sessionmaker[Session],
 ) -> None:
@@ -452,13 +503,10 @@ def _by_name(site: Site, name: str) -> list[Instance]:
 def test_a_single_file_is_processed_once(running: tuple[Site, Daemon]) -> None:
     site, daemon = running
     data = dicom_bytes(1000)
-    start = time.monotonic()
     site.drop("single.dcm", data)
-    site.wait_finished(30)
-    latency = time.monotonic() - start
+    site.wait_finished(30)  # a deadline, not a target: bench/watch.py measures the latency
     [row] = _by_name(site, "single.dcm")
     assert (row.state, row.sop_instance_uid, row.attempts) == ("done", sop_uid(data), 1)
-    assert latency < 15
     assert_exactly_once(site)
     assert_no_phi(daemon)
 
@@ -681,9 +729,9 @@ def test_sigterm_exits_0_within_the_grace_time_after_finishing_the_batch(
         rows = {r.id: r for r in assert_exactly_once(site)}
         assert all(rows[i].attempts == 2 for i in abandoned)
         sent = time.monotonic()
-        again.proc.send_signal(signal.SIGTERM)  # idle: exits at once
+        again.proc.send_signal(signal.SIGTERM)  # idle: exits without waiting for the grace time
         assert again.proc.wait(grace) == 0
-        assert time.monotonic() - sent < 3
+        assert time.monotonic() - sent < grace / 2
     finally:
         site.close()
 

@@ -186,6 +186,20 @@ def test_files_taken_away_do_not_count_as_pending(
     assert watcher.pending() == 0
 
 
+def test_a_late_event_for_a_file_handed_out_leaves_nothing_pending_once_it_is_taken(
+    folder: Path, watcher: FolderWatcher, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The observer may deliver an event of the file's own writing after :meth:`ready` handed it out."""
+    path = folder / "a.dcm"
+    path.write_bytes(b"x")
+    _eventually(lambda: watcher.pending() == 1)
+    assert _settled(watcher, clock) == [path]
+    watcher.note(path)  # the late event, before the worker takes the file
+    os.rename(path, tmp_path / "taken")  # the worker takes it: no event names the drop folder
+    assert watcher.pending() == 0
+    assert watcher.ready() == []
+
+
 def test_a_directory_and_a_symlink_are_not_handed_out(
     folder: Path, watcher: FolderWatcher, clock: FakeClock, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -139,11 +139,23 @@ def live_instance(session: Session, sop_instance_uid: str, model_set: str) -> In
         return session.scalars(stmt).one_or_none()
 
 
-def finish(session: Session, instance_id: int, outcome: Outcome) -> None:
+def finish(session: Session, instance_id: int, outcome: Outcome, *, worker_id: str | None = None) -> bool:
     """Store the final ``outcome`` of a claimed instance, its predictions and outputs; one transaction, commits.
 
     The row gets state, reason, notes, timings and ``finished_at``; its predictions are replaced by those of
     ``outcome``, and outputs are upserted by SOP Instance UID, so finishing twice never duplicates a row.
+
+    Parameters
+    ----------
+    worker_id
+        When given, the row must still be ``processing`` under this worker: a worker whose lease ran out (a
+        long pause, a network split) and whose row another worker took since must not overwrite that
+        worker's result. The check and the update are one ``UPDATE ... WHERE``, atomic on both databases.
+
+    Returns
+    -------
+    bool
+        ``False`` when ``worker_id`` no longer holds the row: nothing was stored.
 
     Raises
     ------
@@ -155,17 +167,26 @@ def finish(session: Session, instance_id: int, outcome: Outcome) -> None:
     if not outcome.state.is_final:
         raise ValueError(f"outcome.state must be final, got {outcome.state!r}")
     insert = _insert_for(session)
+    now = utcnow()
+    held = Instance.id == instance_id
+    if worker_id is not None:
+        held = held & (Instance.state == State.PROCESSING.value) & (Instance.worker_id == worker_id)
     with guard(session, "store the results"):
-        row = session.get(Instance, instance_id)
-        if row is None:
-            raise ValueError(f"no instances row with id {instance_id}")
-        now = utcnow()
-        row.state = outcome.state.value
-        row.reason = outcome.reason
-        row.notes = list(outcome.notes)
-        row.timings = dict(outcome.timings)
-        row.finished_at = now
-        row.lease_expires_at = None
+        stored = session.execute(
+            update(Instance).where(held).values(
+                state=outcome.state.value, reason=outcome.reason, notes=list(outcome.notes),
+                timings=dict(outcome.timings), finished_at=now, lease_expires_at=None, updated_at=now,
+            ).execution_options(synchronize_session=False)
+        )
+        if not getattr(stored, "rowcount", 0):
+            session.rollback()
+            if session.get(Instance, instance_id) is None:
+                raise ValueError(f"no instances row with id {instance_id}")
+            logger.warning(
+                "instance %d: its lease was lost to another worker; this result is dropped", instance_id,
+                extra={"stage": "persist", "worker_id": worker_id},
+            )
+            return False
         session.execute(delete(PredictionRow).where(PredictionRow.instance_id == instance_id))
         session.add_all(
             PredictionRow(
@@ -195,6 +216,7 @@ def finish(session: Session, instance_id: int, outcome: Outcome) -> None:
                 .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
             )
         session.commit()
+    return True
 
 
 def record_unclaimed(
