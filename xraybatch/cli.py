@@ -210,7 +210,7 @@ def watch_cmd(incoming: Path, workers: int, bundles: tuple[Path, ...], settings:
     from xraybatch import daemon
 
     if workers > 1:
-        sys.exit(daemon.run_workers(single_worker_argv(sys.argv[1:]), workers))
+        sys.exit(daemon.run_workers(single_worker_argv(sys.argv[1:]), workers, settings.watch.metrics_port))
     if bundles:
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, bundles=tuple(map(str, bundles))))
     sys.exit(_run(daemon.Daemon(incoming, settings).run))

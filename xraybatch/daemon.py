@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -45,6 +45,7 @@ from types import FrameType
 from xraybatch.domain import Outcome, State, file_ref
 from xraybatch.errors import PersistError
 from xraybatch.files import fsync_dir
+from xraybatch.metrics import WorkerMetrics
 from xraybatch.pipeline import Processor, read_received
 from xraybatch.settings import Settings
 from xraybatch.watch import FolderWatcher
@@ -92,6 +93,7 @@ class Daemon:
         self._stopping = False  # a signal arrived (set in the handler; ``stop`` is set by another thread)
         self._exited = threading.Event()
         self.processor: Processor | None = None
+        self.metrics = WorkerMetrics(self.worker_id)
         self._fault: str | None = None  # the transient fault in progress, logged once
         self._db_fault = False  # the fault is the results DB: probe it before touching files again
         self._backoff = min(1.0, self.cfg.retry_max_seconds)
@@ -118,6 +120,9 @@ class Daemon:
                 self.processor = Processor.open(self.settings, self.worker_id)
         if self.processor is None:
             return 0
+        self.metrics.models_loaded(self._model_set)
+        if self.cfg.metrics_port:
+            self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address)
         _warm_up()
         logger.info("watching %s as %s", self.incoming, self.worker_id, extra=self._log)
         try:
@@ -132,6 +137,7 @@ class Daemon:
                     self.stop.wait(self.cfg.poll_seconds)
         finally:
             self.processor.close()
+            self.metrics.close()
             with self._transient("signing off"):
                 self._sign_off()
         logger.info("stopped", extra=self._log)
@@ -188,6 +194,7 @@ class Daemon:
         except (PersistError, OSError, _RetryLater) as err:
             if self._fault is None:
                 logger.error("%s failed: %s; retrying with backoff until it works", what, err, extra=self._log)
+                self.metrics.transient_faults.inc()
             self._fault = f"{what}: {err}"
             self._db_fault = isinstance(err, PersistError)
             self.stop.wait(self._backoff)
@@ -234,6 +241,7 @@ class Daemon:
                 outcome = Outcome(received, State.DUPLICATE, f"SOP Instance UID already received{where}", read)
             instance_id = repo.record_unclaimed(s, outcome, self._model_set, file_path=str(dest))
         self._log_outcome(outcome)
+        self.metrics.record(outcome)
         self._file_away(instance_id, dest, outcome)
 
     @property
@@ -250,6 +258,7 @@ class Daemon:
         sessions = self.processor.sessions  # type: ignore[union-attr]
         with sessions() as s:
             depth = queue.depth(s)
+        self.metrics.queue_depth.set(depth)
         if depth == 0:
             return False
         if depth < size and watcher.pending():
@@ -275,6 +284,7 @@ class Daemon:
                     continue
                 outcome = replace(outcome, reason=f"{outcome.reason}; not retried: its SOP Instance UID was "
                                                   "received again meanwhile")
+            self.metrics.record(outcome)
             self._file_away(item.instance_id, Path(item.file_path), outcome)
         if retry:
             raise _RetryLater(retry)
@@ -377,8 +387,9 @@ class Daemon:
         if requeued:
             logger.warning("%d instances returned to the queue: their worker stopped", requeued, extra=self._log)
         for item in given_up:
-            self._file_away(item.instance_id, Path(item.file_path), Outcome(
-                Path(item.received_path), State.FAILED, f"gave up after {item.attempts} attempts"))
+            outcome = Outcome(Path(item.received_path), State.FAILED, f"gave up after {item.attempts} attempts")
+            self.metrics.record(outcome)
+            self._file_away(item.instance_id, Path(item.file_path), outcome)
         if time.monotonic() - self._last_sweep >= self.cfg.orphan_seconds:
             self._sweep_inflight()
 
@@ -440,12 +451,18 @@ class Daemon:
             queue.heartbeat(s, self.worker_id, str(self.incoming), self._model_set, stopped=True)
 
 
-def run_workers(argv: Sequence[str], workers: int) -> int:
-    """Start ``workers`` processes running ``argv`` (``xraybatch watch ... --workers 1``); forward signals."""
+def run_workers(argv: Sequence[str], workers: int, metrics_port: int = 0) -> int:
+    """Start ``workers`` processes running ``argv`` (``xraybatch watch ... --workers 1``); forward signals.
+
+    With ``metrics_port`` set, worker ``i`` serves its metrics on ``metrics_port + i``.
+    """
     import subprocess
     import sys
 
-    children = [subprocess.Popen([sys.executable, "-m", "xraybatch", *argv]) for _ in range(workers)]
+    children = [
+        subprocess.Popen([sys.executable, "-m", "xraybatch", *argv], env=worker_environ(os.environ, metrics_port, i))
+        for i in range(workers)
+    ]
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for child in children:
@@ -456,3 +473,11 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
         signal.signal(sig, forward)
     codes = [child.wait() for child in children]
     return max(codes)
+
+
+def worker_environ(environ: Mapping[str, str], metrics_port: int, index: int) -> dict[str, str]:
+    """The environment of worker ``index`` of ``--workers N``: its own metrics port, when metrics are on."""
+    out = dict(environ)
+    if metrics_port:
+        out["XRAYBATCH_WATCH_METRICS_PORT"] = str(metrics_port + index)
+    return out

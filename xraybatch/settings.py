@@ -113,6 +113,8 @@ class WatchConfig:
     heartbeat_seconds: float = 10.0  # how often a worker records that it is alive, renews its leases and reclaims expired ones
     orphan_seconds: float = 60.0  # in-flight files no queue row knows for this long go back to the drop folder
     retry_max_seconds: float = 30.0  # longest wait between retries of a transient fault (DB down, disk full)
+    metrics_port: int = 0  # serve Prometheus metrics at http://ADDRESS:PORT/metrics (0: off); --workers N: PORT + i
+    metrics_address: str = "127.0.0.1"  # where the metrics listen; "0.0.0.0" lets a Prometheus on another host in
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,8 @@ def _validate(obj: Any) -> None:
             raise ConfigError(f"[watch] after_done must be 'archive' or 'delete', got {obj.after_done!r}")
         if obj.max_attempts < 1 or min(obj.settle_seconds, obj.poll_seconds, obj.lease_seconds) <= 0:
             raise ConfigError("[watch] max_attempts must be >= 1 and the times must be > 0")
+        if not 0 <= obj.metrics_port <= 65535:
+            raise ConfigError(f"[watch] metrics_port must be a TCP port 1-65535, or 0 for none; got {obj.metrics_port}")
     elif isinstance(obj, OutputConfig) and obj.sc_max_size < 64:
         raise ConfigError(f"[output] sc_max_size must be >= 64, got {obj.sc_max_size}")
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -485,7 +486,10 @@ def test_finished_under_lists_only_file_moves_no_live_worker_is_making(queue_db:
 def running(tmp_path_factory: pytest.TempPathFactory, binary_bundle: Path) -> Iterator[tuple[Site, Daemon]]:
     """A daemon that several tests drop files into; each test ends with the invariant over all of them."""
     root = tmp_path_factory.mktemp("running")
-    site = Site(root, f"sqlite:///{root / 'work' / 'xraybatch.sqlite'}", [binary_bundle], FAST)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    site = Site(root, f"sqlite:///{root / 'work' / 'xraybatch.sqlite'}", [binary_bundle], {**FAST, "metrics_port": port})
     daemon = site.start()
     daemon.wait_ready()
     yield site, daemon
@@ -627,6 +631,33 @@ def test_status_shows_the_queue_and_the_worker_alive(running: tuple[Site, Daemon
     assert "workers alive: 1" in out
     assert f":{daemon.proc.pid}:" in out
     assert f"done {site.states()['done']}," in out
+
+
+def test_metrics_count_what_the_daemon_does(running: tuple[Site, Daemon]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    site, daemon = running
+    url = f"http://127.0.0.1:{site.watch['metrics_port']}/metrics"
+
+    def scrape() -> dict[tuple[str, str], float]:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            page = response.read().decode()
+        assert not any(secret in page for secret in PHI)
+        return {(s.name, s.labels.get("state", s.labels.get("stage", ""))): s.value
+                for family in text_string_to_metric_families(page) for s in family.samples}
+
+    site.wait_finished(30)
+    before = scrape()
+    site.drop("metrics.dcm", dicom_bytes(3000))
+    site.drop("metrics.txt", b"not an image")
+    site.wait_finished(30)
+    after = scrape()
+    for state in ("done", "rejected"):
+        assert after[("xraybatch_instances_total", state)] == before.get(("xraybatch_instances_total", state), 0) + 1
+    written = ("xraybatch_stage_seconds_count", "writeback")
+    assert after[written] == before.get(written, 0) + 1
+    assert after[("xraybatch_queue_depth", "")] == 0
+    assert f"metrics on http://127.0.0.1:{site.watch['metrics_port']}/metrics" in daemon.text()
 
 
 # -- crashes, outages, several workers, signals ------------------------------------------------------------------
