@@ -114,7 +114,7 @@ class WatchConfig:
     orphan_seconds: float = 60.0  # in-flight files no queue row knows for this long go back to the drop folder
     retry_max_seconds: float = 30.0  # longest wait between retries of a transient fault (DB down, disk full)
     metrics_port: int = 0  # serve Prometheus metrics at http://ADDRESS:PORT/metrics (0: off); --workers N: PORT + i
-    metrics_address: str = "127.0.0.1"  # where the metrics listen; "0.0.0.0" lets a Prometheus on another host in
+    metrics_address: str = "127.0.0.1"  # where the metrics listen; "0.0.0.0" to be scraped from other hosts
 
 
 @dataclass(frozen=True)

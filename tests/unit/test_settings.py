@@ -39,6 +39,7 @@ def test_precedence(tmp_path: Path) -> None:
         ("[pipeline]\nbatch_size = 0\n", r"batch_size must be >= 1"),
         ("[preprocess]\npercentile_window = [99, 1]\n", r"percentile_window must be two percentiles"),
         ("[db]\nurl = \n", r"not valid TOML"),
+        ("[watch]\nmetrics_port = 70000\n", r"metrics_port must be a TCP port"),
     ],
 )
 def test_bad_config_is_fatal_with_a_fix(tmp_path: Path, toml: str, match: str) -> None:
