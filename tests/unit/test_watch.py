@@ -173,14 +173,20 @@ def test_a_vanished_file_is_dropped(folder: Path, watcher: FolderWatcher, clock:
     assert watcher.pending() == 0
 
 
-def test_files_taken_away_do_not_count_as_pending(
-    folder: Path, watcher: FolderWatcher, clock: FakeClock, tmp_path: Path
-) -> None:
-    """A file moved out of the folder (by this or another worker) must not look like one still settling."""
+def _handed_out(folder: Path, watcher: FolderWatcher, clock: FakeClock) -> Path:
+    """Write one file, let the observer see it and the settle time pass; it is handed out by ``ready()``."""
     path = folder / "a.dcm"
     path.write_bytes(b"x")
     _eventually(lambda: watcher.pending() == 1)
     assert _settled(watcher, clock) == [path]
+    return path
+
+
+def test_files_taken_away_do_not_count_as_pending(
+    folder: Path, watcher: FolderWatcher, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A file moved out of the folder (by this or another worker) must not look like one still settling."""
+    path = _handed_out(folder, watcher, clock)
     os.rename(path, tmp_path / "taken")
     time.sleep(0.3)  # let the observer report the move
     assert watcher.pending() == 0
@@ -190,10 +196,7 @@ def test_a_late_event_for_a_file_handed_out_leaves_nothing_pending_once_it_is_ta
     folder: Path, watcher: FolderWatcher, clock: FakeClock, tmp_path: Path
 ) -> None:
     """The observer may deliver an event of the file's own writing after :meth:`ready` handed it out."""
-    path = folder / "a.dcm"
-    path.write_bytes(b"x")
-    _eventually(lambda: watcher.pending() == 1)
-    assert _settled(watcher, clock) == [path]
+    path = _handed_out(folder, watcher, clock)
     watcher.note(path)  # the late event, before the worker takes the file
     os.rename(path, tmp_path / "taken")  # the worker takes it: no event names the drop folder
     assert watcher.pending() == 0
