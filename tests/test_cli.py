@@ -108,3 +108,62 @@ def test_watch_workers_rewrite_starts_single_worker_children(argv: list[str]) ->
     assert child[-2:] == ["--workers", "1"]
     assert "3" not in child and "--workers=3" not in child
     assert [a for a in child[:-2]] == [a for a in argv if a not in ("--workers", "3", "--workers=3")]
+
+
+@pytest.mark.parametrize("command", [["status"], ["results", "list"], ["results", "export", "--what", "instances",
+                                                                       "--format", "csv"]])
+def test_read_only_commands_never_create_a_database(tmp_path: Path, command: list[str]) -> None:
+    workdir = tmp_path / "nothing-here"
+    result = CliRunner().invoke(main, [*command, "--workdir", str(workdir)])
+    assert result.exit_code == 1, result.output
+    assert "Error: no results database at" in result.output
+    assert not workdir.exists()
+    (tmp_path / "empty.sqlite").touch()  # a file that is not a results database yet
+    result = CliRunner().invoke(main, [*command, "--db", f"sqlite:///{tmp_path / 'empty.sqlite'}"])
+    assert result.exit_code == 1 and "run `xraybatch db upgrade`" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite"]
+
+
+def test_an_unsupported_database_url_scheme_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["status", "--db", "mysql://u@h/x"])
+    assert result.exit_code == 1
+    assert "Error: unsupported database URL scheme 'mysql'" in result.output and "postgresql://" in result.output
+
+
+def test_watch_on_a_missing_drop_folder_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["watch", str(tmp_path / "absent"), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 1 and "Error: the drop folder" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "absent").exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.postgres
+def test_an_unmigrated_postgres_database_says_to_run_db_upgrade(
+    tmp_path: Path, tiny_bundles: Path, dicom_factory: Callable[..., Path]
+) -> None:
+    from tests.integration import throwaway_postgres_database
+
+    dicom_factory("a.dcm")
+    with throwaway_postgres_database() as url:
+        for command in (["status"], ["results", "list"]):
+            result = CliRunner().invoke(main, [*command, "--db", url])
+            assert result.exit_code == 1 and "has no xraybatch tables yet: run `xraybatch db upgrade`" in result.output
+        result = CliRunner().invoke(
+            main, ["run-folder", str(tmp_path / "in"), "--workdir", str(tmp_path / "w"), "--db", url,
+                   "--bundle", str(tiny_bundles), "--no-progress"],
+            env={"XRAYBATCH_DB_AUTO_UPGRADE": "false"},
+        )
+        assert result.exit_code == 1 and "run `xraybatch db upgrade`" in result.output, result.output
+        assert CliRunner().invoke(main, ["db", "upgrade", "--db", url]).exit_code == 0
+        assert CliRunner().invoke(main, ["status", "--db", url]).exit_code == 0
+
+
+def test_plain_log_lines_are_never_wrapped(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from xraybatch.cli import _configure_logging
+
+    _configure_logging(1, "plain")
+    long = "x" * 300
+    logging.getLogger("xraybatch.test").info("a long line %s end", long)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "a long line" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"{long} end") and " INFO xraybatch.test: " in lines[0]

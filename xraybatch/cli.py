@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -49,11 +50,9 @@ def _configure_logging(verbose: int, log_format: str) -> None:
     if log_format == "json":
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
-    else:
-        from rich.console import Console
-        from rich.logging import RichHandler
-
-        handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=verbose > 1)
+    else:  # one line per record, never wrapped to the terminal's width (a log collector reads it too)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("xraybatch")
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)] + [handler]
     root.setLevel(level)
@@ -104,6 +103,24 @@ def main(verbose: int, log_format: str) -> None:
         xraybatch run-folder /data/incoming --workdir /var/lib/xraybatch
     """
     _configure_logging(verbose, log_format)
+    os.environ[LOG_VARIABLE] = f"{verbose}:{log_format}"  # worker processes set up their logging the same way
+
+
+LOG_VARIABLE = "XB_LOG_SETUP"
+
+
+def configure_logging_from_environment() -> None:
+    """Set up logging in a worker process as the command that started it did (``-v``, ``--log-format``)."""
+    setup = os.environ.get(LOG_VARIABLE, "")
+    verbose, _, log_format = setup.partition(":")
+    if verbose.isdigit() and log_format in ("plain", "json"):
+        _configure_logging(int(verbose), log_format)
+
+
+def _daemon_logging(ctx: click.Context) -> None:
+    """The daemon logs start-up, each final state and each fault at INFO unless -v asks for more."""
+    if not ctx.find_root().params.get("verbose"):
+        logging.getLogger("xraybatch").setLevel(logging.INFO)
 
 
 @main.command("run-folder")
@@ -111,22 +128,28 @@ def main(verbose: int, log_format: str) -> None:
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model bundle directory (repeatable); default: the bundles shipped with xraybatch.")
 @click.option("--batch-size", type=int, help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Worker processes, each with its own models; 1 runs in this process.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @settings_options
-def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int | None, progress: bool,
-                   settings: Settings) -> None:
+def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int | None, workers: int,
+                   progress: bool, settings: Settings) -> None:
     """Process every file under INPUT once and print a summary.
 
-    Every regular file is read, whatever its name; input files are left in place. DICOM outputs (a
-    Secondary Capture and a Structured Report per processed image) go to WORKDIR/outbox/.
+    Every regular file is read, whatever its name; input files are never moved, renamed or deleted. DICOM
+    outputs (a Secondary Capture and a Structured Report per processed image) go to WORKDIR/outbox/. The files
+    go through the same queue in the results DB as `watch`: running the command again on the same folder
+    resumes, processing only the files not yet final (after Ctrl-C, SIGTERM, a crash or SIGKILL). An
+    interrupted run exits with code 130 (SIGINT) or 143 (SIGTERM).
 
     Example:
 
-        xraybatch run-folder ./archive --workdir ./xraybatch-data
+        xraybatch run-folder ./archive --workdir ./xraybatch-data --workers 2
 
         xraybatch results export --workdir ./xraybatch-data --what predictions --format csv --out results.csv
     """
     import dataclasses
+    import signal
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -138,32 +161,38 @@ def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int |
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, bundles=tuple(map(str, bundles))))
     if batch_size:
         settings = dataclasses.replace(settings, pipeline=dataclasses.replace(settings.pipeline, batch_size=batch_size))
-    processor = _run(lambda: pipeline.Processor.open(settings))
-    total = sum(1 for _ in pipeline.iter_files(input_dir))
+    total = sum(1 for _ in pipeline.iter_files(input_dir, report=False))
     err_console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]processing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
         TimeRemainingColumn(), console=err_console, disable=not progress, transient=True,
     ) as bar:
         task = bar.add_task("run", total=total, last="")
-        try:
-            summary = _run(lambda: pipeline.run_folder(
-                input_dir, settings, processor=processor,
-                on_outcome=lambda o: bar.update(task, advance=1, last=str(o.state)),
-            ))
-        finally:
-            processor.close()
+        summary = _run(lambda: pipeline.run_folder(
+            input_dir, settings, on_outcome=lambda o: bar.update(task, advance=1, last=str(o.state)),
+            workers=workers,
+        ))
     table = Table(title="run-folder summary")
     table.add_column("state")
     table.add_column("files", justify="right")
     for state in ("done", "not_applicable", "rejected", "duplicate", "failed"):
         table.add_row(state, str(summary.counts.get(state, 0)))
+    if summary.skipped:
+        table.add_row("already final (earlier run)", str(summary.skipped))
+    if summary.left:
+        table.add_row("not processed yet", str(summary.left))
     Console().print(table)
     click.echo(
         f"{summary.files} files in {summary.seconds:.1f} s; "
-        f"throughput: {summary.files_per_second:.2f} files/s, {summary.done_per_second:.2f} processed images/s; "
-        f"models: {processor.model_set}\nresults: {_safe_url(settings.db_url)}\noutputs: {settings.outbox}"
+        f"throughput: {summary.files_per_second:.2f} files/s, {summary.done_per_second:.2f} processed images/s"
+        f"\nresults: {_safe_url(settings.db_url)}\noutputs: {settings.outbox}"
     )
+    if summary.interrupted:
+        click.echo(
+            f"interrupted by {summary.interrupted}: {summary.left} files not processed yet; run the same command "
+            "again to resume", err=True,
+        )
+        sys.exit(128 + int(getattr(signal, summary.interrupted)))
 
 
 def _safe_url(url: str) -> str:
@@ -193,7 +222,8 @@ def single_worker_argv(argv: list[str]) -> list[str]:
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model bundle directory (repeatable); default: the bundles shipped with xraybatch.")
 @settings_options
-def watch_cmd(incoming: Path, workers: int, bundles: tuple[Path, ...], settings: Settings) -> None:
+@click.pass_context
+def watch_cmd(ctx: click.Context, incoming: Path, workers: int, bundles: tuple[Path, ...], settings: Settings) -> None:
     """Process every DICOM file dropped into INCOMING, once, until SIGTERM/SIGINT.
 
     A file is taken when its size and mtime have settled (names like *.part, *.tmp and dot-files are
@@ -208,9 +238,22 @@ def watch_cmd(incoming: Path, workers: int, bundles: tuple[Path, ...], settings:
     import dataclasses
 
     from xraybatch import daemon
+    from xraybatch.lifetime import exit_when_parent_dies, set_parent_death_signal
 
+    _daemon_logging(ctx)
+    if not incoming.is_dir():
+        raise click.ClickException(
+            f"the drop folder {incoming} does not exist (or is not a folder): create it, or point "
+            "`xraybatch watch` at the folder the DICOM receiver writes to"
+        )
     if workers > 1:
-        sys.exit(daemon.run_workers(single_worker_argv(sys.argv[1:]), workers, settings.watch.metrics_port))
+        sys.exit(_run(lambda: daemon.run_workers(single_worker_argv(sys.argv[1:]), workers, settings)))
+    supervisor = os.environ.get(daemon.PARENT_PID_VARIABLE, "")
+    if supervisor.isdigit():  # a worker of --workers N: die with the supervisor, whatever ends it
+        import signal
+
+        set_parent_death_signal(signal.SIGTERM)
+        exit_when_parent_dies(int(supervisor), signal.SIGTERM)
     if bundles:
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, bundles=tuple(map(str, bundles))))
     sys.exit(_run(daemon.Daemon(incoming, settings).run))
@@ -342,9 +385,10 @@ def _filter(kw: dict[str, Any]) -> Any:
 
 
 def _open_session(settings: Settings) -> Any:
+    """A session on the existing results DB, for the read-only commands: nothing is created."""
     from xraybatch.db import session
 
-    return session.make_sessionmaker(session.make_engine(settings.db_url))()
+    return session.make_sessionmaker(session.open_existing(settings.db_url))()
 
 
 @results.command("export")

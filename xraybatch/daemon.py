@@ -23,145 +23,100 @@ The life of a file::
   drop folder, claimed rows go back to the queue when it returns. A bad file is quarantined with its reason;
   one that pydicom cannot even parse counts as ``failed`` (the pipeline's per-file boundary).
 - SIGTERM/SIGINT: no new batch is started; the current one finishes within ``grace_seconds`` or the process
-  exits anyway (its rows are taken back later); exit code 0.
+  exits anyway (its rows are taken back later); exit code 0. A second signal stops at once.
+- The claim, the executor, the heartbeat, the rescuer and the file policies are the worker loop of
+  :mod:`xraybatch.loop`, shared with ``run-folder``; this module adds the drop folder: intake and the
+  ``inflight/`` sweeps. Rows of a ``run-folder`` run in the same database are never claimed here, and their
+  files are never moved.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
+from xraybatch.db.tables import WATCH_SOURCE
 from xraybatch.domain import Outcome, State, file_ref
-from xraybatch.errors import PersistError
-from xraybatch.files import fsync_dir
-from xraybatch.metrics import WorkerMetrics
-from xraybatch.pipeline import Processor, read_received
+from xraybatch.errors import InvalidInputError
+from xraybatch.loop import QueueWorker
+from xraybatch.pipeline import read_received
 from xraybatch.settings import Settings
 from xraybatch.watch import FolderWatcher
 
 logger = logging.getLogger(__name__)
 
-_TO_ARCHIVE = (State.DONE, State.DUPLICATE)
+PARENT_PID_VARIABLE = "XB_SUPERVISOR_PID"  # set for the workers of ``--workers N``: they die with it
 
 
-class _RetryLater(Exception):
-    """Some files of a batch met a transient fault and went back to the queue: back off, then go on."""
+class Daemon(QueueWorker):
+    """One ``watch`` worker: watches ``incoming``, feeds the shared queue, processes batches from it."""
 
+    sources = (WATCH_SOURCE,)
 
-def _atomic_json(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _warm_up() -> None:
-    """Import now what the first batch would import (Grad-CAM, highdicom: seconds), not on the first file."""
-    import importlib
-
-    for module in ("xraybatch.explain", "xraybatch.writeback", "pytorch_grad_cam"):
-        importlib.import_module(module)
-
-
-class Daemon:
-    """One worker: watches ``incoming``, feeds the shared queue, processes batches from it."""
-
-    def __init__(self, incoming: Path, settings: Settings) -> None:
-        from xraybatch.db.queue import new_worker_id
-
+    def __init__(self, incoming: Path, settings: Settings, *, migrate: bool = True) -> None:
         self.incoming = incoming.resolve()
-        self.settings = settings
-        self.cfg = settings.watch
-        work = settings.workdir.resolve()
-        self.inflight, self.archive, self.quarantine = work / "inflight", work / "archive", work / "quarantine"
-        self.worker_id = new_worker_id()
-        self.stop = threading.Event()
-        self._stopping = False  # a signal arrived (set in the handler; ``stop`` is set by another thread)
-        self._exited = threading.Event()
-        self.processor: Processor | None = None
-        self.metrics = WorkerMetrics(self.worker_id)
-        self._fault: str | None = None  # the transient fault in progress, logged once
-        self._db_fault = False  # the fault is the results DB: probe it before touching files again
-        self._backoff = min(1.0, self.cfg.retry_max_seconds)
-        self._last_maintenance = float("-inf")
+        super().__init__(settings, str(self.incoming))
+        self.migrate = migrate
+        self._watcher: FolderWatcher | None = None
         self._last_sweep = float("-inf")  # the first maintenance (at start-up) sweeps inflight/
         self._log = {"worker_id": self.worker_id, "stage": "watch"}
 
     # -- running ------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Watch until SIGTERM/SIGINT (or :attr:`stop`); returns the exit code, 0 on a clean stop."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        """Watch until SIGTERM/SIGINT (or :attr:`stop`); returns the exit code, 0 on a clean stop.
+
+        Raises
+        ------
+        InvalidInputError
+            When the drop folder does not exist.
+        """
+        if not self.incoming.is_dir():
+            raise InvalidInputError(
+                f"the drop folder {self.incoming} does not exist (or is not a folder): create it, or point "
+                "`xraybatch watch` at the folder the DICOM receiver writes to"
+            )
+        self.install_signal_handlers()
         try:
             return self._run()
         finally:
-            self._exited.set()
+            self.mark_exited()
 
     def _run(self) -> int:
-        for folder in (self.incoming, self.inflight, self.archive, self.quarantine):
+        for folder in (self.inflight, self.archive, self.quarantine):
             folder.mkdir(parents=True, exist_ok=True)
-        while self.processor is None and not self.stop.is_set():
-            with self._transient("opening the models and the results DB"):
-                self.processor = Processor.open(self.settings, self.worker_id)
-        if self.processor is None:
+        if not self._open(self.migrate):
             return 0
-        self.metrics.models_loaded(self._model_set)
         if self.cfg.metrics_port:
             self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address)
-        _warm_up()
-        logger.info("watching %s as %s", self.incoming, self.worker_id, extra=self._log)
+        logger.info("watching %s as %s (models %s, batch %d, lease %g s)", self.incoming, self.worker_id,
+                    self.model_set, self.settings.pipeline.batch_size, self.cfg.lease_seconds, extra=self._log)
         try:
-            recovered = False
-            while not recovered and not self.stop.is_set():
-                with self._transient("recovering after a restart"):
-                    self._recover()
-                    recovered = True
-            with FolderWatcher(self.incoming, self.cfg) as watcher:
-                while not self.stop.is_set():
-                    self.step(watcher)
-                    self.stop.wait(self.cfg.poll_seconds)
+            with self.beating():
+                recovered = False
+                while not recovered and not self.stop.is_set():
+                    with self._transient("recovering after a restart"):
+                        self._maintain()
+                        recovered = True
+                with FolderWatcher(self.incoming, self.cfg) as watcher:
+                    self._watcher = watcher
+                    while not self.stop.is_set():
+                        self.step(watcher)
+                        self.stop.wait(self.cfg.poll_seconds)
         finally:
-            self.processor.close()
+            self.processor.close()  # type: ignore[union-attr]
             self.metrics.close()
             with self._transient("signing off"):
                 self._sign_off()
         logger.info("stopped", extra=self._log)
         return 0
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # A signal handler must not take locks the interrupted main thread may hold (logging's, the stop
-        # Event's): a thread does the work.
-        if self._stopping:
-            return
-        self._stopping = True
-        threading.Thread(target=self._shut_down, args=(signum,), name="shutdown", daemon=True).start()
-
-    def _shut_down(self, signum: int) -> None:
-        logger.info("signal %d: finishing the current batch, then exiting", signum, extra=self._log)
-        self.stop.set()
-        if not self._exited.wait(self.cfg.grace_seconds):
-            self._give_up()
-
-    def _give_up(self) -> None:
-        logger.warning("grace time of %g s is over: exiting; unfinished instances return to the queue",
-                       self.cfg.grace_seconds, extra=self._log)
-        logging.shutdown()
-        os._exit(0)
 
     def step(self, watcher: FolderWatcher) -> None:
         """One round: take settled files in, keep the worker alive, process what the queue holds."""
@@ -172,33 +127,29 @@ class Daemon:
                 return  # still down: leave the files where they are
         with self._transient("taking files in"):
             self._take_in_all(watcher, watcher.ready())
-        if time.monotonic() - self._last_maintenance >= self.cfg.heartbeat_seconds:
+        if self._maintenance_due():
             with self._transient("maintenance"):
                 self._maintain()
         more = True
         while more and not self.stop.is_set() and self._fault is None:
             more = False
             with self._transient("processing"):
-                more = self._process_one_batch(watcher)
+                more = self.process_one_batch()
 
-    @contextmanager
-    def _transient(self, what: str) -> Iterator[None]:
-        """Run a step; on a transient fault log once per episode, wait with backoff, and carry on."""
-        try:
-            yield
-            if self._fault is not None:
-                self._release_own()  # rows this worker held when the fault struck go back to the queue
-                logger.warning("recovered (%s)", self._fault, extra=self._log)
-                self._fault = None
-                self._backoff = min(1.0, self.cfg.retry_max_seconds)
-        except (PersistError, OSError, _RetryLater) as err:
-            if self._fault is None:
-                logger.error("%s failed: %s; retrying with backoff until it works", what, err, extra=self._log)
-                self.metrics.transient_faults.inc()
-            self._fault = f"{what}: {err}"
-            self._db_fault = isinstance(err, PersistError)
-            self.stop.wait(self._backoff)
-            self._backoff = min(self._backoff * 2, self.cfg.retry_max_seconds)
+    def _before_claim(self) -> None:
+        """Let a batch fill while files are still settling (one wait per batch)."""
+        from xraybatch.db import queue
+
+        watcher = self._watcher
+        if watcher is None:
+            return
+        with self.processor.sessions() as s:  # type: ignore[union-attr]
+            depth = queue.depth(s)
+        self.metrics.queue_depth.set(depth)
+        if 0 < depth < self.settings.pipeline.batch_size and watcher.pending():
+            self.stop.wait(self.cfg.batch_wait_seconds)
+            if not self.stop.is_set():
+                self._take_in_all(watcher, watcher.ready())
 
     # -- intake -------------------------------------------------------------------------------------------
 
@@ -213,7 +164,7 @@ class Daemon:
                 raise
 
     def _take_in(self, path: Path) -> None:
-        """Move a settled file out of the drop folder and queue it (or reject it, or mark it a duplicate).
+        """Move a settled file out of the drop folder and queue it (or reject it: its header cannot be read).
 
         The row names the file where it now lies (``file_path``), so a crash or fault before it is filed away
         leaves it to :meth:`_finish_moves`. On a DB fault the file stays in ``inflight/``: whether the insert
@@ -231,165 +182,24 @@ class Daemon:
         sessions = self.processor.sessions  # type: ignore[union-attr]
         read = read_received(dest, received, self.settings.ingest)
         with sessions() as s:
-            if isinstance(read, Outcome):
-                outcome = read
-            else:
-                if queue.enqueue(s, read, str(received), str(dest), self._model_set) is not None:
-                    return  # queued: processed in a batch
-                live = repo.live_instance(s, read.sop_instance_uid, self._model_set)
-                where = f" (instance {live.id}, state {live.state})" if live is not None else ""
-                outcome = Outcome(received, State.DUPLICATE, f"SOP Instance UID already received{where}", read)
-            instance_id = repo.record_unclaimed(s, outcome, self._model_set, file_path=str(dest))
-        self._log_outcome(outcome)
-        self.metrics.record(outcome)
-        self._file_away(instance_id, dest, outcome)
-
-    @property
-    def _model_set(self) -> str:
-        return self.processor.model_set  # type: ignore[union-attr]
-
-    # -- processing ---------------------------------------------------------------------------------------
-
-    def _process_one_batch(self, watcher: FolderWatcher) -> bool:
-        """Claim and process one batch; ``False`` when there was nothing to do."""
-        from xraybatch.db import queue
-
-        size = self.settings.pipeline.batch_size
-        sessions = self.processor.sessions  # type: ignore[union-attr]
-        with sessions() as s:
-            depth = queue.depth(s)
-        self.metrics.queue_depth.set(depth)
-        if depth == 0:
-            return False
-        if depth < size and watcher.pending():
-            self.stop.wait(self.cfg.batch_wait_seconds)  # more files are settling: let the batch fill
-            if self.stop.is_set():
-                return False  # stopping: start no new batch
-            self._take_in_all(watcher, watcher.ready())
-        with sessions() as s:
-            claimed = queue.claim_batch(s, self.worker_id, size, self.cfg.lease_seconds)
-        if not claimed:
-            return False
-        with self._renewing_leases():
-            outcomes = self.processor.process_claimed(claimed)  # type: ignore[union-attr]
-        retry = ""
-        for item, outcome in zip(claimed, outcomes):
-            if not outcome.recorded:
-                continue  # the lease was lost (see repo.finish): the worker that holds the row now files it away
-            if outcome.retryable and item.attempts < self.cfg.max_attempts:
-                with sessions() as s:
-                    requeued = queue.requeue(s, item.instance_id, outcome.reason)
-                if requeued:
-                    retry = outcome.reason
-                    continue
-                outcome = replace(outcome, reason=f"{outcome.reason}; not retried: its SOP Instance UID was "
-                                                  "received again meanwhile")
-            self.metrics.record(outcome)
-            self._file_away(item.instance_id, Path(item.file_path), outcome)
-        if retry:
-            raise _RetryLater(retry)
-        return True
-
-    @contextmanager
-    def _renewing_leases(self) -> Iterator[None]:
-        """Keep the heartbeat (and so the leases of the claimed rows) going while a batch runs."""
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(self.cfg.heartbeat_seconds):
-                try:
-                    self._heartbeat()
-                except PersistError:
-                    pass  # the main thread meets the same fault when it next uses the DB, and reports it
-
-        keeper = threading.Thread(target=beat, name="lease-keeper", daemon=True)
-        keeper.start()
-        try:
-            yield
-        finally:
-            done.set()
-            keeper.join()
-
-    # -- file lifecycle -----------------------------------------------------------------------------------
-
-    def _file_away(self, instance_id: int, src: Path, outcome: Outcome) -> None:
-        """Archive (or delete) a processed input; quarantine any other, with a JSON sidecar; record where.
-
-        A file already gone from ``src`` was filed away by another worker (or by this one before a crash):
-        its place is looked up and recorded, and nothing moves twice.
-        """
-        from xraybatch.db import queue
-
-        day = datetime.now(UTC).strftime("%Y%m%d")
-        dest: Path | None
-        try:
-            if outcome.state in _TO_ARCHIVE:
-                if self.cfg.after_done == "delete":
-                    src.unlink()
-                    dest = None
-                else:
-                    dest = self.archive / day / src.name
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.rename(src, dest)
-            else:
-                dest = self.quarantine / day / src.name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_json(dest.with_name(dest.name + ".json"), {
-                    "instance_id": instance_id,
-                    "state": str(outcome.state),
-                    "reason": outcome.reason,
-                    "received_path": str(outcome.path),
-                    "sop_instance_uid": outcome.header.sop_instance_uid if outcome.header else None,
-                    "quarantined_at": datetime.now(UTC).isoformat(),
-                    "worker_id": self.worker_id,
-                })
-                os.rename(src, dest)
-        except FileNotFoundError:
-            if src.exists():
-                raise  # the destination folder is the problem, not the source
-            dest = self._filed(src.name)
-            if dest is None and not (outcome.state in _TO_ARCHIVE and self.cfg.after_done == "delete"):
-                logger.warning("instance %d: its file %s is gone", instance_id, file_ref(src), extra=self._log)
-        if dest is not None:
-            fsync_dir(dest.parent)
-        with self.processor.sessions() as s:  # type: ignore[union-attr]
-            queue.set_file_path(s, instance_id, str(dest) if dest else None)
-
-    def _filed(self, name: str) -> Path | None:
-        """Where a file named ``name`` was archived or quarantined, if it was."""
-        for folder in (self.archive, self.quarantine):
-            for day in sorted(folder.iterdir(), reverse=True):
-                if (day / name).is_file():
-                    return day / name
-        return None
+            if not isinstance(read, Outcome):
+                queue.enqueue(s, read, str(received), str(dest), self.model_set, WATCH_SOURCE)
+                return  # queued: judged and processed in a batch (a copy waits for an earlier copy to end)
+            instance_id = repo.record_unclaimed(s, read, self.model_set, file_path=str(dest))
+        self._log_outcome(read)
+        self.metrics.record(read)
+        self._file_away(instance_id, dest, read, WATCH_SOURCE)
 
     def _log_outcome(self, outcome: Outcome) -> None:
         uid = outcome.header.sop_instance_uid if outcome.header else ""
-        logger.info("%s: %s", outcome.state, outcome.reason, extra={**self._log, "sop_instance_uid": uid})
+        logger.info("%s %s: %s", outcome.state, uid or file_ref(outcome.path), outcome.reason,
+                    extra={**self._log, "sop_instance_uid": uid, "state": str(outcome.state)})
 
-    # -- keeping the queue healthy ------------------------------------------------------------------------
-
-    def _heartbeat(self) -> None:
-        from xraybatch.db import queue
-
-        with self.processor.sessions() as s:  # type: ignore[union-attr]
-            queue.heartbeat(s, self.worker_id, str(self.incoming), self._model_set,
-                            lease_seconds=self.cfg.lease_seconds)
+    # -- keeping the queue and inflight/ healthy ------------------------------------------------------------
 
     def _maintain(self) -> None:
-        """Heartbeat and take back expired leases; every ``orphan_seconds`` also sweep ``inflight/``."""
-        from xraybatch.db import queue
-
-        self._last_maintenance = time.monotonic()
-        self._heartbeat()
-        with self.processor.sessions() as s:  # type: ignore[union-attr]
-            requeued, given_up = queue.reclaim_expired(s, self.cfg.max_attempts)
-        if requeued:
-            logger.warning("%d instances returned to the queue: their worker stopped", requeued, extra=self._log)
-        for item in given_up:
-            outcome = Outcome(Path(item.received_path), State.FAILED, f"gave up after {item.attempts} attempts")
-            self.metrics.record(outcome)
-            self._file_away(item.instance_id, Path(item.file_path), outcome)
+        """The rescuer (see :meth:`QueueWorker._maintain`); every ``orphan_seconds`` also sweep ``inflight/``."""
+        super()._maintain()
         if time.monotonic() - self._last_sweep >= self.cfg.orphan_seconds:
             self._sweep_inflight()
 
@@ -398,16 +208,6 @@ class Daemon:
         self._finish_moves()
         self._return_orphans()
         self._last_sweep = time.monotonic()
-
-    def _recover(self) -> None:
-        """After a restart: take back rows of dead local workers at once, then maintain (sweeping inflight/)."""
-        from xraybatch.db import queue
-
-        with self.processor.sessions() as s:  # type: ignore[union-attr]
-            released = queue.release_dead_local(s, self.worker_id)
-        if released:
-            logger.warning("%d instances of stopped workers returned to the queue", released, extra=self._log)
-        self._maintain()
 
     def _finish_moves(self) -> None:
         """File away inputs whose row is final but whose file is still in ``inflight/`` (crash, fault)."""
@@ -418,7 +218,7 @@ class Daemon:
             unfinished = queue.finished_under(s, str(self.inflight), self.worker_id, before)
         for instance_id, state, file_path in unfinished:
             path = Path(file_path)
-            self._file_away(instance_id, path, Outcome(path, State(state), "moved after a restart"))
+            self._file_away(instance_id, path, Outcome(path, State(state), "moved after a restart"), WATCH_SOURCE)
 
     def _return_orphans(self) -> None:
         """Files in ``inflight/`` that no row names, older than ``orphan_seconds``, go back to the drop folder."""
@@ -436,31 +236,27 @@ class Daemon:
                 continue  # taken back by another worker meanwhile
             logger.warning("returned the orphan %s to the drop folder", file_ref(path), extra=self._log)
 
-    def _release_own(self) -> None:
-        """Return this worker's claimed rows to the queue (after a fault interrupted their batch)."""
-        from xraybatch.db import queue
 
-        with self.processor.sessions() as s:  # type: ignore[union-attr]
-            queue.release_worker(s, self.worker_id)
-
-    def _sign_off(self) -> None:
-        from xraybatch.db import queue
-
-        with self.processor.sessions() as s:  # type: ignore[union-attr]
-            queue.release_worker(s, self.worker_id)
-            queue.heartbeat(s, self.worker_id, str(self.incoming), self._model_set, stopped=True)
-
-
-def run_workers(argv: Sequence[str], workers: int, metrics_port: int = 0) -> int:
+def run_workers(argv: Sequence[str], workers: int, settings: Settings) -> int:
     """Start ``workers`` processes running ``argv`` (``xraybatch watch ... --workers 1``); forward signals.
 
-    With ``metrics_port`` set, worker ``i`` serves its metrics on ``metrics_port + i``.
+    The results DB is migrated here, once, before any worker starts (workers racing to create the tables of a
+    fresh SQLite file was a fault). Each worker leads its own process group and dies with this process, however
+    it ends (:mod:`xraybatch.lifetime`). With metrics on, worker ``i`` serves them on ``metrics_port + i``.
     """
     import subprocess
     import sys
 
+    from xraybatch.db import session
+    from xraybatch.lifetime import kill_group
+
+    if settings.db.auto_upgrade:
+        if settings.db_url.startswith("sqlite"):
+            settings.workdir.mkdir(parents=True, exist_ok=True)
+        session.upgrade(settings.db_url)
     children = [
-        subprocess.Popen([sys.executable, "-m", "xraybatch", *argv], env=worker_environ(os.environ, metrics_port, i))
+        subprocess.Popen([sys.executable, "-m", "xraybatch", *argv], process_group=0,
+                         env=worker_environ(os.environ, settings.watch.metrics_port, i))
         for i in range(workers)
     ]
 
@@ -471,13 +267,19 @@ def run_workers(argv: Sequence[str], workers: int, metrics_port: int = 0) -> int
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    codes = [child.wait() for child in children]
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for child in children:
+            kill_group(child.pid)  # a worker's leftovers (decode processes) go with it
     return max(codes)
 
 
 def worker_environ(environ: Mapping[str, str], metrics_port: int, index: int) -> dict[str, str]:
-    """The environment of worker ``index`` of ``--workers N``: its own metrics port, when metrics are on."""
+    """The environment of worker ``index`` of ``--workers N``: no migration, the supervisor's pid, its metrics port."""
     out = dict(environ)
+    out["XRAYBATCH_DB_AUTO_UPGRADE"] = "false"  # migrated once by the supervisor
+    out[PARENT_PID_VARIABLE] = str(os.getpid())
     if metrics_port:
         out["XRAYBATCH_WATCH_METRICS_PORT"] = str(metrics_port + index)
     return out

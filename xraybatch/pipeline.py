@@ -2,21 +2,29 @@
 
     file -> ingest -> preprocess -> infer -> explain -> write back -> persist
 
-:class:`Processor` holds what is loaded once per process (model bundles, the database engine) and turns a
-batch of paths into one :class:`~xraybatch.domain.Outcome` per path. Every path ends in exactly one final
-state: ``InvalidInputError`` -> ``rejected``, ``NotApplicableError`` -> ``not_applicable``, a SOP Instance UID
-that already has a live row -> ``duplicate``, any other error -> ``failed`` (logged with its traceback).
+:class:`Processor` holds what is loaded once per process (model bundles, the database engine) and takes a
+batch of rows claimed from the queue through every stage (:meth:`Processor.process_claimed`, the executor of
+the worker loop in :mod:`xraybatch.loop`), recording one :class:`~xraybatch.domain.Outcome` per row. Every
+file ends in exactly one final state: ``InvalidInputError`` -> ``rejected``, ``NotApplicableError`` ->
+``not_applicable``, a good copy of an instance another copy already ended ``done`` or ``not_applicable`` ->
+``duplicate`` (decided only after the file was judged), any other error -> ``failed`` (logged with its
+traceback).
+
+:func:`run_folder` is ``xraybatch run-folder``: its source (:func:`take_in_folder`) queues every file of a
+folder in place, and the worker loop drains the queue.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,8 +100,11 @@ def _decode(header: InstanceHeader, cfg: PreprocessConfig, sizes: Sequence[tuple
 class RunSummary:
     """Counts per final state and wall time of a run."""
 
-    counts: dict[str, int]
+    counts: dict[str, int]  # final state -> files that ended so in this run
     seconds: float
+    skipped: int = 0  # files an earlier run over the same folder had already ended: not processed again
+    left: int = 0  # files still queued or processing when the run stopped (interrupted): rerun to finish them
+    interrupted: str = ""  # the signal that stopped the run early ("SIGINT", "SIGTERM"), or empty
 
     @property
     def files(self) -> int:
@@ -175,10 +186,11 @@ class Processor:
         self._pool: ProcessPoolExecutor | None = None
 
     @classmethod
-    def open(cls, settings: Settings, worker_id: str | None = None) -> Processor:
-        """Load the model bundles and open (and migrate) the results database.
+    def open(cls, settings: Settings, worker_id: str | None = None, *, migrate: bool = True) -> Processor:
+        """Load the model bundles and open (and, with ``[db] auto_upgrade`` and ``migrate``, migrate) the results DB.
 
-        ``worker_id`` names the claims of this process (``xraybatch watch`` passes its own); ``host:pid`` by default.
+        ``worker_id`` names the claims of this process (the worker loop passes its own); ``host:pid`` by default.
+        A supervisor migrates once before it starts its workers, which pass ``migrate=False``.
 
         Raises
         ------
@@ -197,50 +209,19 @@ class Processor:
         url = settings.db_url
         if url.startswith("sqlite"):
             settings.workdir.mkdir(parents=True, exist_ok=True)
-        if settings.db.auto_upgrade:
-            session.upgrade(url)
-        sessions = session.make_sessionmaker(session.make_engine(url))
+        engine = session.make_engine(url)
+        if settings.db.auto_upgrade and migrate:
+            session.upgrade(engine)
+        session.require_current(engine)
+        sessions = session.make_sessionmaker(engine)
         with sessions() as s:
             repo.register_models(s, specs)
         return cls(settings, predictors, sessions, worker_id)
 
     # -- per file, before inference ---------------------------------------------------------------------
 
-    def _admit(self, path: Path, busy: set[str]) -> _Admitted | Outcome | None:
-        """Header, claim and selection: cheap checks in the main process; an Outcome when the file stops here.
-
-        Returns ``None`` for a file whose SOP Instance UID another file of this batch holds (``busy``): it is
-        taken up after the batch, when that file has ended, so a damaged first copy cannot shadow a good one.
-        """
-        from xraybatch.db import repo
-
-        cfg = self.settings
-        clock = _Clock()
-        header: InstanceHeader | None = None
-        instance_id: int | None = None
-        try:
-            header, ds = ingest.read_header(path, cfg.ingest)
-            clock.lap("header")
-            if header.sop_instance_uid in busy:
-                return None
-            busy.add(header.sop_instance_uid)
-            with self.sessions() as s:
-                instance_id = repo.claim(s, header, self.worker_id, self.model_set)
-                live = repo.live_instance(s, header.sop_instance_uid, self.model_set) if instance_id is None else None
-            clock.lap("claim")
-            if instance_id is None:
-                where = f" (instance {live.id}, state {live.state})" if live is not None else ""
-                duplicate = Outcome(path, State.DUPLICATE, f"SOP Instance UID already received{where}", header)
-                return self._record(duplicate, None)
-            ingest.select(header, cfg.ingest)
-            ingest.check_image(header, ds, cfg.ingest)
-            return _Admitted(instance_id, path, header, clock.timings)
-        except Exception as err:  # noqa: BLE001 - the per-file boundary
-            outcome = _failure(path, header, err, clock.timings)
-        return self._record(outcome, instance_id)
-
     def _admit_claimed(self, claimed: Claimed) -> _Admitted | Outcome:
-        """Header and selection for a row already claimed from the queue (``xraybatch watch``)."""
+        """Header, selection and the image checks for a claimed row: the file is judged before anything else."""
         cfg = self.settings
         clock = _Clock()
         received = Path(claimed.received_path)
@@ -262,8 +243,11 @@ class Processor:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
+            from xraybatch.lifetime import die_with_parent
+
             self._pool = ProcessPoolExecutor(
-                cfg.pipeline.decode_processes, mp_context=multiprocessing.get_context("forkserver")
+                cfg.pipeline.decode_processes, mp_context=multiprocessing.get_context("forkserver"),
+                initializer=die_with_parent, initargs=(os.getpid(),),
             )
         if self._pool is not None and len(admitted) > 1:
             futures = [self._pool.submit(_decode, a.header, cfg.preprocess, self._sizes) for a in admitted]
@@ -292,38 +276,50 @@ class Processor:
                 prepared.append(self._record(outcome, a.instance_id))
         return prepared
 
-    def _record(self, outcome: Outcome, instance_id: int | None) -> Outcome:
-        """Store ``outcome`` (on the claimed row ``instance_id``, if any) and log it; ``recorded`` says whether it was.
+    def _record(self, outcome: Outcome, instance_id: int) -> Outcome:
+        """Store ``outcome`` on the claimed row and log it; ``recorded`` says whether it was.
 
-        A claimed row is finished only while this worker still holds it (:func:`~xraybatch.db.repo.finish`).
+        A claimed row is finished only while this worker still holds it; a ``done`` that another copy of the
+        instance beat is stored as a ``duplicate`` (:func:`~xraybatch.db.repo.finish_claimed`).
         """
         from xraybatch.db import repo
 
         with self.sessions() as s:
-            if instance_id is None:
-                repo.record_unclaimed(s, outcome, self.model_set)
-            elif not repo.finish(s, instance_id, outcome, worker_id=self.worker_id):
-                return replace(outcome, recorded=False)
-        _log(outcome)
-        return outcome
+            stored = repo.finish_claimed(s, instance_id, outcome, self.worker_id)
+        if stored is None:
+            return replace(outcome, recorded=False)
+        _log(stored)
+        return stored
+
+    def _not_duplicates(self, prepared: Sequence[_Prepared | Outcome]) -> list[_Prepared | Outcome]:
+        """Judged files whose instance another copy already ended done or not applicable become duplicates."""
+        from xraybatch.db import repo
+
+        out: list[_Prepared | Outcome] = []
+        for item in prepared:
+            if isinstance(item, _Prepared):
+                header = item.image.header
+                with self.sessions() as s:
+                    first = repo.holder(s, header.sop_instance_uid, self.model_set, item.instance_id)
+                if first is not None:
+                    judged = Outcome(item.received_path, State.DONE, "", header, timings=item.timings)
+                    out.append(self._record(repo.duplicate_of(judged, first), item.instance_id))
+                    continue
+            out.append(item)
+        return out
 
     # -- per batch --------------------------------------------------------------------------------------
 
-    def process_batch(self, paths: Sequence[Path]) -> list[Outcome]:
-        """Claim and process ``paths`` (run-folder): one forward pass per model for the images that get that far."""
-        busy: set[str] = set()
-        admitted = [self._admit(p, busy) for p in paths]
-        deferred = [p for p, r in zip(paths, admitted) if r is None]
-        outcomes = self._complete([r for r in admitted if r is not None])
-        return outcomes + (self.process_batch(deferred) if deferred else [])
-
     def process_claimed(self, claimed: Sequence[Claimed]) -> list[Outcome]:
-        """Process rows already claimed from the queue (``xraybatch watch``), one Outcome each, in order."""
-        return self._complete([self._admit_claimed(c) for c in claimed])
+        """Take a claimed batch through every stage; one recorded Outcome per row, in order.
 
-    def _complete(self, admitted: Sequence[_Admitted | Outcome]) -> list[Outcome]:
-        """Decode, infer, explain, write back and record the admitted files; pass the others through."""
-        decoded = iter(self._prepare([r for r in admitted if isinstance(r, _Admitted)]))
+        Each file is judged first (header, selection, image checks, decode); only then is a copy of an instance
+        that another copy already ended ``done`` or ``not_applicable`` called a ``duplicate``. Every error of a
+        file ends that file (the per-file boundary); only an unreachable results DB (``PersistError``) leaves
+        the batch, for the worker to release its rows and retry.
+        """
+        admitted = [self._admit_claimed(c) for c in claimed]
+        decoded = iter(self._not_duplicates(self._prepare([r for r in admitted if isinstance(r, _Admitted)])))
         results = [next(decoded) if isinstance(r, _Admitted) else r for r in admitted]
         ready = [r for r in results if isinstance(r, _Prepared)]
         finished: dict[int, Outcome] = {}
@@ -400,37 +396,110 @@ class Processor:
         return outcomes
 
 
-def iter_files(root: Path) -> Iterator[Path]:
-    """Every regular file under ``root``, recursively, in sorted order, whatever its name or extension."""
+def iter_files(root: Path, *, report: bool = True) -> Iterator[Path]:
+    """Every regular file under ``root``, recursively, in sorted order, whatever its name or extension.
+
+    Symbolic links, FIFOs, sockets and devices are never opened (reading a FIFO would block forever); with
+    ``report``, each one is logged once, by its path digest.
+    """
     if root.is_file():
         yield root
         return
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        for name in sorted(filenames):
+        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             path = Path(dirpath) / name
-            if path.is_file() and not path.is_symlink():
+            kind = _not_regular(path)
+            if kind is None:
                 yield path
+            elif report:
+                logger.warning("skipped %s: %s; run-folder reads regular files only", file_ref(path), kind,
+                               extra={"stage": "run-folder"})
 
 
-def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
-    chunk: list[Path] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _not_regular(path: Path) -> str | None:
+    """What ``path`` is when it is not a regular file (``None`` for a regular file)."""
+    import stat
+
+    try:
+        mode = path.lstat().st_mode
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
+
+
+def folder_source(root: Path) -> str:
+    """``instances.source`` of the rows of a ``run-folder`` run over ``root`` (a resolved path)."""
+    from xraybatch.db.tables import FOLDER_SOURCE_PREFIX
+
+    return FOLDER_SOURCE_PREFIX + str(root)
+
+
+def take_in_folder(
+    root: Path,
+    settings: Settings,
+    model_set: str,
+    sessions: sessionmaker[Session],
+    stop: threading.Event,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> int:
+    """``run-folder``'s source: queue every file under ``root`` in place; returns the files already final.
+
+    A file that an earlier run over the same folder ended (``done``, ``not_applicable``, ``rejected``,
+    ``duplicate``) is not queued again: rerunning resumes. A ``failed`` one is judged again. A file whose row is
+    still queued or processing (an interrupted run) is left to the queue, where the rescuer returns the rows of
+    dead workers. An unreadable header ends the file here (``rejected``, or ``failed`` for our own error).
+    """
+    from xraybatch.db import queue, repo
+
+    source = folder_source(root)
+    with sessions() as s:
+        known = queue.rows_of_source(s, source)
+    already = 0
+    for path in iter_files(root):
+        if stop.is_set():
+            break
+        row = known.get(str(path))
+        if row is not None:
+            instance_id, state = row
+            if state != State.FAILED.value:
+                already += State(state).is_final
+                continue
+            with sessions() as s:
+                queue.forget(s, instance_id)  # judged again below: one row per input
+        read = read_received(path, path, settings.ingest)
+        with sessions() as s:
+            if isinstance(read, Outcome):
+                repo.record_unclaimed(s, read, model_set, file_path=str(path), source=source)
+            else:
+                queue.enqueue(s, read, str(path), str(path), model_set, source)
+        if isinstance(read, Outcome):
+            _log(read)
+            if on_outcome is not None:
+                on_outcome(read)
+    return already
 
 
 def run_folder(
     input_dir: Path,
     settings: Settings,
     on_outcome: Callable[[Outcome], None] | None = None,
-    processor: Processor | None = None,
+    *,
+    workers: int = 1,
 ) -> RunSummary:
-    """Process every regular file under ``input_dir`` once; input files are left in place.
+    """Process every regular file under ``input_dir`` once, through the shared queue; input files stay in place.
+
+    The files are queued (source ``run-folder:<folder>``) and drained by the worker loop of
+    :mod:`xraybatch.loop` (claims, leases, heartbeat, the rescuer), in this process or, with ``workers`` > 1, in
+    that many worker processes. Rerunning over the same folder resumes: only files not yet final are processed.
+    SIGINT/SIGTERM stop claiming; the current batch finishes (within ``[watch] grace_seconds``) or returns to
+    the queue, and the summary says ``interrupted``.
 
     Parameters
     ----------
@@ -439,9 +508,9 @@ def run_folder(
     settings
         The resolved settings; outputs go to ``settings.outbox``, results to ``settings.db_url``.
     on_outcome
-        Called after each file, e.g. to advance a progress bar.
-    processor
-        An already opened :class:`Processor` (to reuse loaded models); opened from ``settings`` if omitted.
+        Called after each file that ends in this run, e.g. to advance a progress bar.
+    workers
+        Worker processes; 1 runs the loop in this process.
 
     Raises
     ------
@@ -450,19 +519,111 @@ def run_folder(
     ModelError, PersistError
         When the models or the database cannot be loaded; no file is touched then.
     """
+    from xraybatch.db import session
+    from xraybatch.loop import FolderRun, run_processes
+    from xraybatch.models.registry import find_bundles
+
     if not input_dir.exists():
         raise InvalidInputError(f"input folder {input_dir} does not exist")
-    owned = processor is None
-    processor = processor or Processor.open(settings)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    root = input_dir.resolve()
+    model_set = ",".join(sorted(spec.model_id for spec in find_bundles(settings.model.bundles)))
+    url = settings.db_url
+    if url.startswith("sqlite"):
+        settings.workdir.mkdir(parents=True, exist_ok=True)
+    engine = session.make_engine(url)
+    if settings.db.auto_upgrade:
+        session.upgrade(engine)  # once, before any worker starts
+    session.require_current(engine)
+    sessions = session.make_sessionmaker(engine)
+    started = datetime.now(UTC)
     start = time.perf_counter()
-    counts: Counter[str] = Counter()
+    skipped = 0
+
+    def intake(stop: threading.Event, callback: Callable[[Outcome], None] | None) -> None:
+        nonlocal skipped
+        skipped = take_in_folder(root, settings, model_set, sessions, stop, callback)
+
     try:
-        for batch in _chunks(iter_files(input_dir), settings.pipeline.batch_size):
-            for outcome in processor.process_batch(batch):
-                counts[str(outcome.state)] += 1
-                if on_outcome is not None:
-                    on_outcome(outcome)
+        if workers == 1:
+            worker = FolderRun(root, settings, threading.Event(), on_outcome)
+            restore = worker.install_signal_handlers()
+            failure: list[BaseException] = []
+
+            def fill() -> None:
+                try:
+                    intake(worker.stop, on_outcome)
+                except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                    failure.append(err)
+                    worker.stop.set()
+                finally:
+                    worker.intake_done.set()  # type: ignore[union-attr]
+
+            filler = threading.Thread(target=fill, name="run-folder-intake", daemon=True)
+            filler.start()
+            try:
+                worker.run(migrate=False)
+            finally:
+                restore()
+                worker.stop.set()
+                filler.join()
+            if failure:
+                raise failure[0]
+            signum = worker.signal_received
+        else:
+            supervisor = _Supervisor()
+            restore = supervisor.install()
+            seen: set[int] = set()
+
+            def poll() -> None:
+                if on_outcome is None:
+                    return
+                from xraybatch.db import queue
+
+                with sessions() as s:
+                    for outcome_id, outcome in queue.finished_since(s, folder_source(root), started, seen):
+                        seen.add(outcome_id)
+                        on_outcome(outcome)
+
+            try:
+                run_processes(root, settings, workers, lambda: intake(supervisor.stop, None), supervisor.stop, poll)
+            finally:
+                restore()
+            signum = supervisor.signal_received
+        with sessions() as s:
+            from xraybatch.db import queue
+
+            counts = queue.finished_counts(s, folder_source(root), started)
+            left = queue.pending(s, folder_source(root))
     finally:
-        if owned:
-            processor.close()
-    return RunSummary(counts=dict(counts), seconds=time.perf_counter() - start)
+        engine.dispose()
+    return RunSummary(
+        counts=counts, seconds=time.perf_counter() - start, skipped=skipped, left=left,
+        interrupted=signal.Signals(signum).name if signum is not None else "",
+    )
+
+
+class _Supervisor:
+    """The stop event of ``run-folder --workers N``: the first SIGINT/SIGTERM sets it, a second exits at once."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.signal_received: int | None = None
+
+    def install(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signal_received is not None:
+            os._exit(130)  # the workers die with this process (parent-death signal) and release their rows
+        self.signal_received = signum
+        self.stop.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from xraybatch.domain import file_ref
 from xraybatch.settings import WatchConfig
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class FolderWatcher:
         self.folder = folder
         self.cfg = cfg
         self._seen: dict[Path, _Seen] = {}
+        self._reported: set[Path] = set()  # entries that are not regular files, logged once each
         self._lock = threading.Lock()
         self._observer = PollingObserver(timeout=cfg.poll_seconds) if cfg.polling else Observer()
         self._last_scan = 0.0
@@ -97,20 +100,36 @@ class FolderWatcher:
         if not path.is_relative_to(self.folder) or self.ignored(path):
             return
         try:
-            st = path.stat()
+            st = path.lstat()
         except OSError:
-            return  # gone already (renamed, taken by a worker), or a dangling link
+            return  # gone already (renamed, taken by a worker)
+        if not stat.S_ISREG(st.st_mode):
+            self._report(path, st.st_mode)
+            return
         with self._lock:
             seen = self._seen.get(path)
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, time.monotonic())
+
+    def _report(self, path: Path, mode: int) -> None:
+        """Log, once per path, an entry of the drop folder that is not a regular file: it is never opened."""
+        if stat.S_ISDIR(mode):
+            return  # a folder: its files are watched (recursively)
+        with self._lock:
+            if path in self._reported:
+                return
+            self._reported.add(path)
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else (
+            "a socket" if stat.S_ISSOCK(mode) else "a device file")
+        logger.warning("left %s in the drop folder: it is %s, and only regular files are taken in",
+                       file_ref(path), kind, extra={"stage": "watch"})
 
     def scan(self) -> None:
         """Note every file under the folder (start-up, and a safety net for missed events)."""
         self._last_scan = time.monotonic()
         for dirpath, dirnames, filenames in os.walk(self.folder):
             dirnames[:] = [d for d in dirnames if not self.ignored(Path(dirpath) / d)]
-            for name in filenames:
+            for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                 self.note(Path(dirpath) / name)
 
     def pending(self) -> int:
@@ -133,12 +152,12 @@ class FolderWatcher:
         with self._lock:
             for path, seen in list(self._seen.items()):
                 try:
-                    st = path.stat()
+                    st = path.lstat()
                 except FileNotFoundError:
                     del self._seen[path]  # renamed, moved or taken by another worker
                     continue
-                if not path.is_file() or path.is_symlink():
-                    del self._seen[path]
+                if not stat.S_ISREG(st.st_mode):
+                    del self._seen[path]  # replaced by a link or a FIFO meanwhile: never opened
                     continue
                 if (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
                     self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)

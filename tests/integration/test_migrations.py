@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from tests.integration import throwaway_postgres_database
 from xraybatch.db import current_revision, downgrade, head_revision, make_engine, upgrade
@@ -22,7 +23,7 @@ from xraybatch.db.tables import LIVE_STATES, Base
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"instances", "predictions", "outputs", "model_versions", "workers"}
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,34 @@ def test_workers_upgrading_together_take_turns(postgres_url: str) -> None:
         downgrade(postgres_url, "base")
 
 
+def test_0003_lets_copies_wait_and_its_downgrade_keeps_one_live_copy(db_url: str) -> None:
+    """0003: queued copies of one UID may wait side by side; downgrading turns the later ones into duplicates."""
+    upgrade(db_url, "0002")
+    engine = make_engine(db_url)
+    insert = text(
+        "INSERT INTO instances (path, sop_instance_uid, state, reason, notes, attempts, timings, model_set, "
+        "received_at, updated_at, file_path) VALUES (:path, :uid, :state, '', '[]', 0, '{}', 'm', "
+        "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :file)"
+    )
+    with engine.begin() as conn:
+        conn.execute(insert, {"path": "/in/old", "uid": "1.2.3", "state": "done", "file": None})
+        conn.execute(insert, {"path": "/in/w", "uid": "1.2.4", "state": "queued", "file": "/w/inflight/1"})
+    upgrade(db_url, "0003")
+    with engine.begin() as conn:
+        sources = dict(conn.execute(text("SELECT path, source FROM instances")).all())
+        assert sources == {"/in/old": "run-folder:", "/in/w": "watch"}
+        conn.execute(insert, {"path": "/in/w2", "uid": "1.2.4", "state": "queued", "file": "/w/inflight/2"})
+        conn.execute(insert, {"path": "/in/again", "uid": "1.2.3", "state": "queued", "file": "/w/inflight/3"})
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(insert, {"path": "/in/twice", "uid": "1.2.3", "state": "done", "file": None})
+    downgrade(db_url, "0002")
+    with engine.begin() as conn:
+        states = dict(conn.execute(text("SELECT path, state FROM instances")).all())
+    assert states == {"/in/old": "done", "/in/w": "queued", "/in/w2": "duplicate", "/in/again": "duplicate"}
+    engine.dispose()
+    downgrade(db_url, "base")
+
+
 def test_models_match_migrations(db_url: str) -> None:
     upgrade(db_url)
     engine = make_engine(db_url)
@@ -122,7 +151,7 @@ def test_alembic_command_line(tmp_path: Path) -> None:
 
     done = alembic("-x", f"url={url}", "upgrade", "head")
     assert done.returncode == 0, done.stderr
-    assert "Running upgrade  -> 0001" in done.stderr and "Running upgrade 0001 -> 0002" in done.stderr
+    assert "Running upgrade  -> 0001" in done.stderr and "Running upgrade 0002 -> 0003" in done.stderr
     assert current_revision(url) == HEAD
     current = alembic("current", XRAYBATCH_DB_URL=url)
     assert current.returncode == 0 and f"{HEAD} (head)" in current.stdout

@@ -108,10 +108,10 @@ def test_real_files_end_to_end(tmp_path: Path, tiny_bundles: Path) -> None:
     assert set(referenced) == done_uids
     assert all(sorted(kinds) == ["OT", "SR"] for kinds in referenced.values()), referenced
 
-    # A second run over the same folder processes nothing again.
+    # A second run over the same folder resumes: every file is final already, nothing is processed again.
     again = run_folder(inbox, settings)
-    assert again.counts.get("done", 0) == 0 and again.counts["duplicate"] >= 10
-    assert len(sorted(settings.outbox.rglob("*.dcm"))) == 10
+    assert (again.counts, again.skipped, again.left) == ({}, 14, 0)
+    assert len(sorted(settings.outbox.rglob("*.dcm"))) == 10 and len(_rows(settings)) == 14
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -139,8 +139,14 @@ def test_synthetic_batch_every_file_one_state(
     assert len(rows) == 8 and all(r["reason"] for r in rows if r["state"] != "done")
     assert len(_rows(settings, "predictions")) == 5 * 16
     assert len(list(settings.outbox.rglob("*.dcm"))) == 10
-    # Same folder again: every file is now a duplicate, nothing is written twice.
-    assert run_folder(tmp_path / "in", settings).counts == {"duplicate": 7, "rejected": 1}
+    # Same folder again: nothing to do, nothing written twice. A copy in another folder is a duplicate.
+    again = run_folder(tmp_path / "in", settings)
+    assert (again.counts, again.skipped) == ({}, 8)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for name in ("chest0", "lateral", "garbage"):
+        (copies / name).write_bytes((tmp_path / "in" / name).read_bytes())
+    assert run_folder(copies, settings).counts == {"duplicate": 2, "rejected": 1}
     assert len(list(settings.outbox.rglob("*.dcm"))) == 10 and len(_rows(settings, "predictions")) == 80
 
 
@@ -171,9 +177,11 @@ def test_internal_error_fails_one_file_and_the_run_goes_on(
     failed = [r for r in _rows(settings) if r["state"] == "failed"]
     assert "RuntimeError: boom" in str(failed[0]["reason"])
     assert "unexpected error" in caplog.text
-    # A failed instance is retried by the next run.
+    # A failed instance is retried by the next run; the done one is left alone.
     monkeypatch.setattr(preprocess, "to_display", real)
-    assert run_folder(tmp_path / "in", settings).counts == {"done": 1, "duplicate": 1}
+    again = run_folder(tmp_path / "in", settings)
+    assert (again.counts, again.skipped) == ({"done": 1}, 1)
+    assert sorted(r["state"] for r in _rows(settings)) == ["done", "done"]  # one row per input
 
 
 def test_no_patient_data_in_logs(

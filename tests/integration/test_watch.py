@@ -358,6 +358,56 @@ def test_claims_never_overlap_and_take_the_oldest_first(queue_db: sessionmaker[S
         assert queue.depth(s) == 0
 
 
+@pytest.mark.parametrize("first_ends", ["rejected", "failed", "done"])
+def test_a_later_copy_waits_for_the_first_and_runs_only_if_that_one_did_not_end_done(
+    queue_db: sessionmaker[Session], first_ends: str
+) -> None:
+    with queue_db() as s:
+        first = queue.enqueue(s, _header("1.9.1"), "/in/a", "/w/inflight/a", MODEL_SET)
+        second = queue.enqueue(s, _header("1.9.1"), "/in/b", "/w/inflight/b", MODEL_SET)
+        other = queue.enqueue(s, _header("1.9.2"), "/in/c", "/w/inflight/c", MODEL_SET)
+        assert [c.instance_id for c in queue.claim_batch(s, "host:1:a", 8, 60)] == [first, other]
+        assert queue.claim_batch(s, "host:2:b", 8, 60) == []  # the second copy waits: the first is processing
+        outcome = Outcome(Path("/in/a"), State(first_ends), "why", _header("1.9.1"))
+        assert repo.finish_claimed(s, first, outcome, "host:1:a") == outcome
+        [claimed] = queue.claim_batch(s, "host:2:b", 8, 60)  # its turn now, whatever the first became
+        assert claimed.instance_id == second
+        stored = repo.finish_claimed(s, second, Outcome(Path("/in/b"), State.DONE, "", _header("1.9.1")), "host:2:b")
+    assert stored is not None
+    if first_ends == "done":  # the unique index: only one copy ends done; the later one is a duplicate
+        reason = f"SOP Instance UID already received (instance {first}, state done)"
+        assert (stored.state, stored.reason) == (State.DUPLICATE, reason)
+    else:
+        assert stored.state == State.DONE
+    with queue_db() as s:
+        assert s.get(Instance, second).state == stored.state.value  # type: ignore[union-attr]
+
+
+def test_claims_of_copies_racing_from_several_workers_take_one_copy_at_a_time(
+    queue_db: sessionmaker[Session],
+) -> None:
+    with queue_db() as s:
+        for i in range(6):
+            for copy in range(3):
+                queue.enqueue(s, _header(f"1.8.{i}"), f"/in/{i}-{copy}", f"/w/inflight/{i}-{copy}", MODEL_SET)
+    taken: list[list[int]] = []
+    barrier = threading.Barrier(4)
+
+    def worker(name: str) -> None:
+        with queue_db() as s:
+            barrier.wait()
+            taken.append([c.instance_id for c in queue.claim_batch(s, f"host:1:{name}", 4, 60)])
+
+    threads = [threading.Thread(target=worker, args=(str(i),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with queue_db() as s:
+        busy = Counter(r.sop_instance_uid for r in s.scalars(select(Instance).where(Instance.state == "processing")))
+    assert sum(map(len, taken)) == 6 and set(busy.values()) == {1}  # every instance once, never two copies
+
+
 def test_the_heartbeat_renews_leases_and_a_silent_worker_loses_them(queue_db: sessionmaker[Session]) -> None:
     _enqueue(queue_db, 4)
     with queue_db() as s:
@@ -570,6 +620,31 @@ def _unknown_vr(data: bytes) -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("damaged_first", [True, False], ids=["damaged-first", "good-first"])
+def test_a_damaged_copy_is_rejected_and_the_good_one_done_in_either_order(
+    running: tuple[Site, Daemon], damaged_first: bool
+) -> None:
+    site, daemon = running
+    good = dicom_bytes(3000 + damaged_first)
+    cut = good[: len(good) - 20_000]  # the header reads, the pixel data is short
+    names = {"damaged": "a-damaged.dcm", "good": "b-good.dcm"} if damaged_first else \
+        {"good": "a-good.dcm", "damaged": "b-damaged.dcm"}
+    for kind, data in (("damaged", cut), ("good", good)):
+        (site.staging / names[kind]).write_bytes(data)
+    for name in sorted(names.values()):  # one settle round: queued in name order
+        os.rename(site.staging / name, site.incoming / name)
+    site.dropped += 2
+    site.wait_finished(60)
+    [damaged] = _by_name(site, names["damaged"])
+    [processed] = _by_name(site, names["good"])
+    assert (damaged.state, processed.state) == ("rejected", "done"), (damaged.reason, processed.reason)
+    assert damaged.sop_instance_uid == processed.sop_instance_uid == sop_uid(good)
+    assert "pixel data" in damaged.reason
+    assert_exactly_once(site)
+    assert_no_phi(daemon)
+
+
+@pytest.mark.slow
 def test_hostile_files_are_quarantined_with_their_reason_and_the_daemon_goes_on(
     running: tuple[Site, Daemon],
 ) -> None:
@@ -751,7 +826,8 @@ def test_sigterm_exits_0_within_the_grace_time_after_finishing_the_batch(
         assert hasty.proc.wait(grace) == 0
         assert time.monotonic() - sent < grace / 2
         assert "grace time of" in hasty.text()
-        abandoned = {r.id for r in site.rows() if r.state == "processing"}
+        assert not [r for r in site.rows() if r.state == "processing"]  # what was left went back to the queue
+        abandoned = {r.id for r in site.rows() if r.state == "queued" and r.attempts == 1}
         assert abandoned and abandoned <= claimed
 
         again = site.start("again")  # takes the abandoned rows back at once, and processes what is queued

@@ -93,4 +93,5 @@ def test_each_worker_of_several_gets_its_own_port() -> None:
     assert [worker_environ(base, 9100, i)["XRAYBATCH_WATCH_METRICS_PORT"] for i in range(3)] == [
         "9100", "9101", "9102"
     ]
-    assert worker_environ({"PATH": "/bin"}, 0, 1) == {"PATH": "/bin"}  # metrics off: nothing added
+    off = worker_environ({"PATH": "/bin"}, 0, 1)  # metrics off: no port; never a migration in a worker
+    assert "XRAYBATCH_WATCH_METRICS_PORT" not in off and off["XRAYBATCH_DB_AUTO_UPGRADE"] == "false"

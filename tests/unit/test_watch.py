@@ -214,6 +214,29 @@ def test_a_directory_and_a_symlink_are_not_handed_out(
     assert _settled(watcher, clock) == []
 
 
+def test_links_fifos_and_linked_folders_are_logged_once_and_never_opened(
+    folder: Path, watcher: FolderWatcher, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "x.dcm").write_bytes(b"x")
+    (folder / "link.dcm").symlink_to(target / "x.dcm")
+    (folder / "linked-folder").symlink_to(target, target_is_directory=True)
+    os.mkfifo(folder / "pipe")  # opening it would block for ever
+    (folder / "sub").mkdir()
+    (folder / "sub" / "real.dcm").write_bytes(b"y")
+    with caplog.at_level(logging.WARNING, logger="xraybatch.watch"):
+        for _ in range(3):
+            watcher.scan()
+        assert _settled(watcher, clock) == [folder / "sub" / "real.dcm"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines  # one line each for the link, the linked folder and the FIFO
+    assert sum("a symbolic link" in line for line in lines) == 2 and sum("a FIFO" in line for line in lines) == 1
+    assert not any("link.dcm" in line or "pipe" in line for line in lines)  # named by digest only
+
+
 def test_complete_files_yields_until_stopped(folder: Path, clock: FakeClock) -> None:
     import threading
 

@@ -1,10 +1,15 @@
-"""The work queue of ``xraybatch watch``, kept in the ``instances`` table.
+"""The work queue of every source (``watch``, ``run-folder``), kept in the ``instances`` table.
 
-A file taken from the drop folder becomes a ``queued`` row (:func:`enqueue`); workers on any host take batches
-of queued rows (:func:`claim_batch`, ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, a single
-serialised ``UPDATE`` on SQLite) and hold them under a lease. A worker that dies leaves ``processing`` rows
-whose lease runs out; :func:`reclaim_expired` puts them back in the queue (or fails them after too many
-attempts). The writers commit; the readers do not.
+A file taken from a drop folder, or found by ``run-folder``, becomes a ``queued`` row (:func:`enqueue`) that
+names its source (``instances.source``: what happens to the file afterwards). Workers on any host take batches
+of queued rows of their source (:func:`claim_batch`) and hold them under a lease. A worker that dies leaves
+``processing`` rows whose lease runs out; :func:`reclaim_expired` puts them back in the queue (or fails them
+after too many attempts), and :func:`release_dead_local` does so at once for dead processes on this host.
+
+Copies of one instance: queued copies of a SOP Instance UID wait side by side; a claim takes the oldest copy
+only while no other copy is ``processing``, so one copy at a time is worked on, and a copy whose first copy
+ended ``rejected`` or ``failed`` is processed next. Claims take turns (a PostgreSQL advisory lock; SQLite's
+write lock), so that rule holds across workers and hosts. The writers commit; the readers do not.
 """
 
 from __future__ import annotations
@@ -18,26 +23,29 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Result, delete, func, select, update
+from sqlalchemy import Result, delete, exists, func, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from xraybatch.db.repo import _header_columns, _insert_for
 from xraybatch.db.session import guard
-from xraybatch.db.tables import LIVE_STATES, Instance, Worker, utcnow
-from xraybatch.domain import InstanceHeader, State
+from xraybatch.db.tables import LIVE_STATES, WATCH_SOURCE, Instance, Worker, utcnow
+from xraybatch.domain import InstanceHeader, Outcome, State
 
 logger = logging.getLogger(__name__)
+
+CLAIM_LOCK_KEY = 0x78726163  # PostgreSQL advisory lock held by a claim ("xrac"): claims take turns
 
 
 @dataclass(frozen=True)
 class Claimed:
-    """A queued row taken by this worker: its id, where the file was received and where it is now."""
+    """A queued row taken by this worker: its id, where the file was received and where it is now, its source."""
 
     instance_id: int
     received_path: str
     file_path: str
     attempts: int
+    source: str = WATCH_SOURCE
 
 
 def new_worker_id() -> str:
@@ -45,39 +53,64 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def enqueue(session: Session, header: InstanceHeader, received_path: str, file_path: str, model_set: str) -> int | None:
-    """Insert a ``queued`` row for a file now at ``file_path``; ``None`` when a live row holds its UID; commits."""
+def enqueue(
+    session: Session,
+    header: InstanceHeader,
+    received_path: str,
+    file_path: str,
+    model_set: str,
+    source: str = WATCH_SOURCE,
+) -> int:
+    """Insert a ``queued`` row for a file now at ``file_path``; commits.
+
+    Every copy is queued, also of an instance already done: whether a copy is a duplicate is decided by the
+    worker after it has judged the file (a damaged copy is ``rejected``, whatever the other copies did).
+    """
     row = Instance(
         **_header_columns(header), path=received_path, file_path=file_path, state=State.QUEUED.value,
-        attempts=0, model_set=model_set,
+        attempts=0, model_set=model_set, source=source,
     )
     with guard(session, "queue the instance"):
         session.add(row)
-        try:
-            session.flush()
-        except IntegrityError:
-            session.rollback()
-            return None
+        session.flush()
         row_id = row.id
         session.commit()
     return row_id
 
 
-def claim_batch(session: Session, worker_id: str, limit: int, lease_seconds: float) -> list[Claimed]:
-    """Take up to ``limit`` queued rows, oldest first, for ``worker_id`` under a lease; commits.
+def claim_batch(
+    session: Session,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    sources: tuple[str, ...] = (WATCH_SOURCE,),
+) -> list[Claimed]:
+    """Take up to ``limit`` queued rows of ``sources``, oldest first, for ``worker_id`` under a lease; commits.
 
-    On PostgreSQL the candidate rows are locked with ``FOR UPDATE SKIP LOCKED`` in a materialised CTE, so
-    workers on several hosts never take the same row and never wait for each other. (Not ``id IN (SELECT ...
-    LIMIT n FOR UPDATE SKIP LOCKED)``: the planner may rescan that subquery, and each rescan skips the rows
-    just updated and locks the next ``n``, so one claim took the whole queue.) On SQLite the single ``UPDATE``
-    is serialised by the database lock and its ``IN`` subquery runs once.
+    A row is taken only if it is the oldest queued copy of its SOP Instance UID (and model set) and no copy is
+    ``processing``: a later copy waits for the first to end. Claims take turns: on PostgreSQL a transaction
+    advisory lock (:data:`CLAIM_LOCK_KEY`) is taken first, so the ``UPDATE``, whose snapshot starts after the
+    lock, sees every earlier claim; the candidate rows are also locked with ``FOR UPDATE SKIP LOCKED`` in a
+    materialised CTE. (Not ``id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)``: the planner may rescan that
+    subquery, and each rescan skips the rows just updated and locks the next ``n``, so one claim took the whole
+    queue.) On SQLite the single ``UPDATE`` is serialised by the database lock and its ``IN`` subquery runs once.
     """
     now = utcnow()
-    candidates = (
-        select(Instance.id).where(Instance.state == State.QUEUED.value).order_by(Instance.id).limit(limit)
+    other = aliased(Instance)
+    busy_or_earlier = exists().where(
+        other.sop_instance_uid == Instance.sop_instance_uid,
+        other.model_set == Instance.model_set,
+        (other.state == State.PROCESSING.value) | ((other.state == State.QUEUED.value) & (other.id < Instance.id)),
     )
-    if session.get_bind().dialect.name == "postgresql":
-        picked = candidates.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+    candidates = (
+        select(Instance.id)
+        .where(Instance.state == State.QUEUED.value, Instance.source.in_(sources), ~busy_or_earlier)
+        .order_by(Instance.id)
+        .limit(limit)
+    )
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:
+        picked = candidates.with_for_update(skip_locked=True, of=Instance).cte("picked").prefix_with("MATERIALIZED")
         chosen = Instance.id == picked.c.id
     else:
         chosen = Instance.id.in_(candidates.scalar_subquery())
@@ -88,17 +121,30 @@ def claim_batch(session: Session, worker_id: str, limit: int, lease_seconds: flo
             state=State.PROCESSING.value, worker_id=worker_id, attempts=Instance.attempts + 1, started_at=now,
             lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now,
         )
-        .returning(Instance.id, Instance.path, Instance.file_path, Instance.attempts)
+        .returning(Instance.id, Instance.path, Instance.file_path, Instance.attempts, Instance.source)
         .execution_options(synchronize_session=False)
     )
     with guard(session, "claim queued instances"):
+        if postgres:
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
         rows = session.execute(stmt).all()
         session.commit()
-    return sorted((Claimed(r.id, r.path, r.file_path or r.path, r.attempts) for r in rows), key=lambda c: c.instance_id)
+    return sorted(
+        (Claimed(r.id, r.path, r.file_path or r.path, r.attempts, r.source) for r in rows), key=lambda c: c.instance_id
+    )
+
+
+def pending(session: Session, source: str) -> int:
+    """Rows of ``source`` still ``queued`` or ``processing`` (by any worker); no commit."""
+    live = (State.QUEUED.value, State.PROCESSING.value)
+    with guard(session, "count the unfinished instances"):
+        return int(session.scalar(
+            select(func.count()).where(Instance.source == source, Instance.state.in_(live))
+        ) or 0)
 
 
 def requeue(session: Session, instance_id: int, reason: str) -> bool:
-    """Put a claimed row back in the queue after a transient fault; ``False`` if its UID was taken since."""
+    """Put a claimed row back in the queue after a transient fault; commits (``False`` only on a conflict)."""
     with guard(session, "requeue the instance"):
         try:
             session.execute(
@@ -129,7 +175,7 @@ def reclaim_expired(session: Session, max_attempts: int) -> tuple[int, list[Clai
             update(Instance).where(expired, Instance.attempts >= max_attempts).values(
                 state=State.FAILED.value, lease_expires_at=None, finished_at=now, updated_at=now,
                 reason=f"gave up after {max_attempts} attempts: the worker processing it stopped each time",
-            ).returning(Instance.id, Instance.path, Instance.file_path, Instance.attempts)
+            ).returning(Instance.id, Instance.path, Instance.file_path, Instance.attempts, Instance.source)
             .execution_options(synchronize_session=False)
         ).all()
         requeued = _rowcount(session.execute(
@@ -138,7 +184,7 @@ def reclaim_expired(session: Session, max_attempts: int) -> tuple[int, list[Clai
             ).execution_options(synchronize_session=False)
         ))
         session.commit()
-    return requeued, [Claimed(r.id, r.path, r.file_path or r.path, r.attempts) for r in given_up]
+    return requeued, [Claimed(r.id, r.path, r.file_path or r.path, r.attempts, r.source) for r in given_up]
 
 
 def depth(session: Session) -> int:
@@ -362,3 +408,43 @@ def status(session: Session, alive_within_seconds: float) -> QueueStatus:
             .order_by(Worker.worker_id)
         ).all()
     return QueueStatus(counts_by_state(session), oldest, [(w.worker_id, w.last_seen) for w in workers])
+
+
+def rows_of_source(session: Session, source: str) -> dict[str, tuple[int, str]]:
+    """``path -> (id, state)`` of every row of ``source`` (a run-folder run over one folder); no commit."""
+    with guard(session, "list the folder's instances"):
+        rows = session.execute(select(Instance.path, Instance.id, Instance.state).where(Instance.source == source))
+        return {r.path: (r.id, r.state) for r in rows}
+
+
+def forget(session: Session, instance_id: int) -> None:
+    """Delete a row (a ``failed`` run-folder row about to be judged again; its predictions go with it); commits."""
+    with guard(session, "forget the earlier verdict"):
+        session.execute(delete(Instance).where(Instance.id == instance_id))
+        session.commit()
+
+
+def finished_counts(session: Session, source: str, since: datetime) -> dict[str, int]:
+    """Final state -> rows of ``source`` that ended at or after ``since``; no commit."""
+    live = (State.QUEUED.value, State.PROCESSING.value)
+    with guard(session, "count the finished instances"):
+        rows = session.execute(
+            select(Instance.state, func.count()).where(
+                Instance.source == source, Instance.state.not_in(live), Instance.finished_at >= since,
+            ).group_by(Instance.state)
+        )
+        return {state: n for state, n in rows}
+
+
+def finished_since(
+    session: Session, source: str, since: datetime, seen: set[int]
+) -> list[tuple[int, Outcome]]:
+    """Rows of ``source`` that ended at or after ``since`` and are not in ``seen``, as (id, Outcome); no commit."""
+    live = (State.QUEUED.value, State.PROCESSING.value)
+    with guard(session, "read the finished instances"):
+        rows = session.execute(
+            select(Instance.id, Instance.path, Instance.state, Instance.reason).where(
+                Instance.source == source, Instance.state.not_in(live), Instance.finished_at >= since,
+            ).order_by(Instance.id)
+        ).all()
+    return [(r.id, Outcome(Path(r.path), State(r.state), r.reason)) for r in rows if r.id not in seen]

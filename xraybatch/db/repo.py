@@ -5,8 +5,11 @@ Each function takes a :class:`~sqlalchemy.orm.Session` and keeps its transaction
 back and raise; the readers (:func:`live_instance`, :func:`counts_by_state`) do not commit, so use a short-lived
 session for them (``with factory() as session: ...``).
 
-Idempotency rests on the partial unique index ``uq_instances_live_sop_model``: :func:`claim` inserts a ``processing``
-row, and the database refuses a second live row for the same SOP Instance UID, also across workers and hosts.
+Idempotency rests on two rules. Only one copy of a SOP Instance UID is ``processing`` at a time: claims take
+turns (:func:`claim` here, :func:`xraybatch.db.queue.claim_batch` for the queue) and check that no other copy is
+processing or ended ``done``/``not_applicable``. And the partial unique index ``uq_instances_live_sop_model``
+refuses a second ``done``/``not_applicable`` row for the same UID and model set, also across workers and hosts:
+:func:`finish_claimed` stores a copy that loses that race as a ``duplicate``.
 A database that cannot be reached raises :class:`~xraybatch.errors.PersistError`, a transient condition:
 retry later, never mark the input file rejected for it.
 """
@@ -18,13 +21,21 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from xraybatch.db.session import guard
-from xraybatch.db.tables import LIVE_STATES, Instance, ModelVersion, OutputRow, PredictionRow, utcnow
+from xraybatch.db.tables import (
+    LIVE_STATES,
+    WATCH_SOURCE,
+    Instance,
+    ModelVersion,
+    OutputRow,
+    PredictionRow,
+    utcnow,
+)
 from xraybatch.domain import InstanceHeader, Outcome, State
 from xraybatch.errors import PersistError
 from xraybatch.models.registry import BundleSpec
@@ -91,14 +102,16 @@ def claim(
     Returns
     -------
     int | None
-        The new row's id, or ``None`` when a live row (queued, processing, done or not applicable) holds the UID:
-        the file is a duplicate, see :func:`live_instance` and :func:`record_unclaimed`.
+        The new row's id, or ``None`` when another copy of the UID is processing or ended done or not
+        applicable: see :func:`live_instance` and :func:`record_unclaimed`.
 
     Raises
     ------
     PersistError
         When the database cannot be reached.
     """
+    from xraybatch.db.queue import CLAIM_LOCK_KEY
+
     now = utcnow()
     row = Instance(
         **_header_columns(header),
@@ -111,32 +124,80 @@ def claim(
         started_at=now,
     )
     with guard(session, "claim the instance"):
-        session.add(row)
-        try:
-            session.flush()  # the partial unique index refuses a second live row here (PostgreSQL waits first)
-        except IntegrityError:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+        else:  # take SQLite's write lock before reading, so the check and the insert are one step
+            session.execute(update(Instance).where(Instance.id == -1).values(state=Instance.state))
+        if live_instance(session, header.sop_instance_uid, model_set) is not None:
             session.rollback()
             logger.info(
                 "already claimed", extra={"sop_instance_uid": header.sop_instance_uid, "stage": "persist"}
             )
             return None
+        session.add(row)
+        session.flush()
         row_id = row.id
         session.commit()
     return row_id
 
 
+_WORKED_ON = (State.PROCESSING.value, *LIVE_STATES)
+
+
 def live_instance(session: Session, sop_instance_uid: str, model_set: str) -> Instance | None:
-    """The live row (queued, processing, done or not applicable) that holds ``sop_instance_uid``, if any.
+    """The row that holds ``sop_instance_uid`` (done or not applicable) or works on it (processing), if any.
 
     Does not commit. Use it to explain a duplicate, e.g. ``f"already {row.state} as {row.path}"``.
     """
     stmt = select(Instance).where(
         Instance.sop_instance_uid == sop_instance_uid,
         Instance.model_set == model_set,
-        Instance.state.in_(LIVE_STATES),
-    )
+        Instance.state.in_(_WORKED_ON),
+    ).order_by(Instance.state.in_(LIVE_STATES).desc(), Instance.id).limit(1)
     with guard(session, "read the instance"):
-        return session.scalars(stmt).one_or_none()
+        return session.scalars(stmt).first()
+
+
+def holder(session: Session, sop_instance_uid: str, model_set: str, other_than: int) -> Instance | None:
+    """The row other than ``other_than`` that ended ``done`` or ``not_applicable`` for the UID; no commit."""
+    stmt = select(Instance).where(
+        Instance.sop_instance_uid == sop_instance_uid, Instance.model_set == model_set,
+        Instance.state.in_(LIVE_STATES), Instance.id != other_than,
+    ).limit(1)
+    with guard(session, "read the instance"):
+        return session.scalars(stmt).first()
+
+
+def duplicate_of(outcome: Outcome, first: Instance | None) -> Outcome:
+    """``outcome`` turned into a ``duplicate`` of the copy ``first`` (which ended done or not applicable)."""
+    where = f" (instance {first.id}, state {first.state})" if first is not None else ""
+    return Outcome(
+        outcome.path, State.DUPLICATE, f"SOP Instance UID already received{where}", outcome.header,
+        timings=outcome.timings,
+    )
+
+
+def finish_claimed(session: Session, instance_id: int, outcome: Outcome, worker_id: str) -> Outcome | None:
+    """:func:`finish` a claimed row; the Outcome stored, or ``None`` when ``worker_id`` lost its claim.
+
+    A ``done`` or ``not_applicable`` outcome whose SOP Instance UID another copy ended so meanwhile (a race the
+    unique index settles) is stored as a ``duplicate`` of that copy, without predictions or outputs.
+    """
+    try:
+        return outcome if finish(session, instance_id, outcome, worker_id=worker_id) else None
+    except IntegrityError:
+        session.rollback()
+    header = outcome.header
+    first = holder(session, header.sop_instance_uid, outcome_model_set(session, instance_id), instance_id) \
+        if header is not None else None
+    duplicate = duplicate_of(outcome, first)
+    return duplicate if finish(session, instance_id, duplicate, worker_id=worker_id) else None
+
+
+def outcome_model_set(session: Session, instance_id: int) -> str:
+    """The model set of row ``instance_id``; no commit."""
+    with guard(session, "read the instance"):
+        return str(session.scalar(select(Instance.model_set).where(Instance.id == instance_id)) or "")
 
 
 def finish(session: Session, instance_id: int, outcome: Outcome, *, worker_id: str | None = None) -> bool:
@@ -226,6 +287,7 @@ def record_unclaimed(
     *,
     received_at: datetime | None = None,
     file_path: str | None = None,
+    source: str = WATCH_SOURCE,
 ) -> int:
     """Insert a row for an outcome that never claimed: a duplicate, or a file rejected or failed before; commits.
 
@@ -245,7 +307,7 @@ def record_unclaimed(
     PersistError
         When the database cannot be reached.
     """
-    if outcome.state in LIVE_STATES:
+    if outcome.state in LIVE_STATES or not outcome.state.is_final:
         raise ValueError(
             f"outcome.state {outcome.state!r} needs claim() then finish(), not record_unclaimed()"
         )
@@ -262,6 +324,7 @@ def record_unclaimed(
         received_at=received_at or now,
         finished_at=now,
         file_path=file_path,
+        source=source,
     )
     with guard(session, "record the outcome"):
         session.add(row)

@@ -34,7 +34,7 @@ from xraybatch.errors import PersistError
 
 logger = logging.getLogger(__name__)
 
-ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
+ALEMBIC_DIR = Path(__file__).resolve().parents[1] / "migrations"  # package data: a wheel install can migrate
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_CONNECT_TIMEOUT_S = 10  # default when the URL sets no connect_timeout
 MIGRATION_LOCK_KEY = 0x78726179  # PostgreSQL advisory lock held while migrating ("xray")
@@ -61,7 +61,44 @@ def normalise_url(url: str | URL) -> URL:
         ) from err
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise PersistError(
+            f"unsupported database URL scheme {parsed.drivername!r}: xraybatch supports sqlite:///PATH and "
+            "postgresql://USER@HOST/DB; set [db] url / XRAYBATCH_DB_URL"
+        )
     return parsed
+
+
+def open_existing(url: str | URL) -> Engine:
+    """An engine for a results database that must exist already: for read-only commands (``status``, ``results``).
+
+    Nothing is created: no folder, no SQLite file, no tables.
+
+    Raises
+    ------
+    PersistError
+        When the SQLite file does not exist, the database has no xraybatch tables, or cannot be reached.
+    """
+    parsed = normalise_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            path = Path(database).expanduser()
+            if not path.is_file():
+                raise PersistError(
+                    f"no results database at {path}: nothing has been processed with this --workdir / --db yet"
+                )
+    engine = make_engine(parsed)
+    try:
+        if current_revision(engine) is None:
+            raise PersistError(
+                f"the results database {_safe(engine.url)} has no xraybatch tables yet: run `xraybatch db upgrade` "
+                "(with the same --db / XRAYBATCH_DB_URL)"
+            )
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
 
 
 def make_engine(url: str | URL) -> Engine:
@@ -177,8 +214,39 @@ def current_revision(url: str | Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def require_current(url: str | Engine) -> None:
+    """Check that the database's schema is the one this version of xraybatch writes.
+
+    Raises
+    ------
+    PersistError
+        When the database has no schema yet or an older one (saying to run ``xraybatch db upgrade``), a newer
+        one (from a newer xraybatch), or cannot be reached.
+    """
+    with _engine(url) as engine:
+        current, head = current_revision(engine), head_revision()
+        if current == head:
+            return
+        where = _safe(engine.url)
+        if current is None:
+            raise PersistError(
+                f"the results database {where} has no xraybatch tables yet: run `xraybatch db upgrade` "
+                "(with the same --db / XRAYBATCH_DB_URL) or set [db] auto_upgrade = true"
+            )
+        known = {rev.revision for rev in ScriptDirectory(str(ALEMBIC_DIR)).walk_revisions()}
+        if current not in known:
+            raise PersistError(
+                f"the results database {where} is at schema revision {current}, newer than this xraybatch "
+                f"knows (head {head}): upgrade xraybatch"
+            )
+        raise PersistError(
+            f"the results database {where} is at schema revision {current}, this xraybatch needs {head}: run "
+            "`xraybatch db upgrade` (with the same --db / XRAYBATCH_DB_URL)"
+        )
+
+
 def head_revision() -> str | None:
-    """The newest revision in ``alembic/versions``."""
+    """The newest revision in ``xraybatch/migrations/versions``."""
     return ScriptDirectory(str(ALEMBIC_DIR)).get_current_head()
 
 

@@ -1,13 +1,14 @@
-"""The results database schema (SQLAlchemy 2.0 declarative); ``alembic/versions`` must match it.
+"""The results database schema (SQLAlchemy 2.0 declarative); ``xraybatch/migrations/versions`` must match it.
 
 Five tables: ``instances`` (one row per input file seen), ``predictions`` (one row per instance, model and
 target), ``outputs`` (DICOM objects written back), ``model_versions`` (the bundles that produced them) and
 ``workers`` (the ``xraybatch watch`` processes and their heartbeats).
 ``docs/results-db.md`` documents the columns and the queries users run.
 
-Idempotency: the partial unique index ``uq_instances_live_sop_model`` allows at most one *live* row per SOP
-Instance UID and model set (state in :data:`LIVE_STATES`); ``duplicate``, ``rejected`` and ``failed`` rows may
-repeat, so a file that failed can be claimed again, and new models can process an instance again.
+Idempotency: the partial unique index ``uq_instances_live_sop_model`` allows at most one row per SOP Instance
+UID and model set that ended ``done`` or ``not_applicable`` (:data:`LIVE_STATES`); ``queued``, ``duplicate``,
+``rejected`` and ``failed`` rows may repeat, so a second copy waits while the first is under way, a copy whose
+first copy was rejected or failed is processed, and new models can process an instance again.
 
 Datetimes are timezone-aware UTC in Python. SQLite stores them as text ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC,
 PostgreSQL as ``timestamptz``. Strings have no length limit (``VARCHAR``), so an out-of-spec DICOM value never
@@ -38,10 +39,14 @@ from xraybatch.domain import State
 
 logger = logging.getLogger(__name__)
 
-#: States that hold the SOP Instance UID: a second copy of the instance is a duplicate.
-LIVE_STATES: tuple[str, ...] = tuple(
-    s.value for s in (State.QUEUED, State.PROCESSING, State.DONE, State.NOT_APPLICABLE)
-)
+#: States that hold the SOP Instance UID: a later copy of an instance that ended so is a duplicate. Queued copies
+#: do not hold it (they wait for the first one to end); that one copy at a time is ``processing`` is the claim's
+#: job (:func:`xraybatch.db.queue.claim_batch`).
+LIVE_STATES: tuple[str, ...] = tuple(s.value for s in (State.DONE, State.NOT_APPLICABLE))
+
+#: ``instances.source`` of a file taken from a drop folder; a ``run-folder`` row has ``run-folder:<folder>``.
+WATCH_SOURCE = "watch"
+FOLDER_SOURCE_PREFIX = "run-folder:"
 LIVE_WHERE = "state IN (" + ", ".join(f"'{s}'" for s in LIVE_STATES) + ")"
 
 NAMING_CONVENTION = {
@@ -110,6 +115,7 @@ class Instance(Base):
     worker_id: Mapped[str | None]
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)  # processing row reclaimable after
     file_path: Mapped[str | None] = mapped_column(Text)  # where the file is now (watch: in-flight/archive/quarantine)
+    source: Mapped[str] = mapped_column(Text, default=WATCH_SOURCE, server_default=WATCH_SOURCE)  # file policy
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # stage -> seconds
     model_set: Mapped[str] = mapped_column(Text, default="")  # "name@version,..." of the models in force
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -126,6 +132,7 @@ class Instance(Base):
             sqlite_where=text(LIVE_WHERE),
             postgresql_where=text(LIVE_WHERE),
         ),
+        Index("ix_instances_source_state", "source", "state"),
     )
 
 
@@ -185,14 +192,14 @@ class ModelVersion(Base):
 
 
 class Worker(Base):
-    """A ``xraybatch watch`` process and its heartbeat."""
+    """A worker process (``xraybatch watch`` or ``run-folder``) and its heartbeat."""
 
     __tablename__ = "workers"
 
     worker_id: Mapped[str] = mapped_column(primary_key=True)  # host:pid:random
     host: Mapped[str]
     pid: Mapped[int]
-    incoming: Mapped[str] = mapped_column(Text)  # the drop folder it watches
+    incoming: Mapped[str] = mapped_column(Text)  # the drop folder it watches, or the folder run-folder reads
     model_set: Mapped[str] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
