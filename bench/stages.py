@@ -80,7 +80,7 @@ def stages(path: Path, bundles: tuple[str, ...], repeat: int) -> None:
         print(f"  {name:<62} {seconds * 1000:9.1f} ms")
 
 
-def throughput(path: Path, bundles: tuple[str, ...], copies: int) -> None:
+def throughput(path: Path, bundles: tuple[str, ...], copies: int, workers: int = 1) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         inbox = Path(tmp) / "in"
         inbox.mkdir()
@@ -90,8 +90,9 @@ def throughput(path: Path, bundles: tuple[str, ...], copies: int) -> None:
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.save_as(inbox / f"copy{i:04d}")
         settings = load_settings(None, {"workdir": Path(tmp) / "work", "model": {"bundles": list(bundles)}}, environ={})
-        summary = run_folder(inbox, settings)
-        print(f"\nrun-folder over {copies} copies of {path.name}: {summary.counts} in {summary.seconds:.1f} s = "
+        summary = run_folder(inbox, settings, workers=workers) if workers > 1 else run_folder(inbox, settings)
+        print(f"\nrun-folder (workers {workers}) over {copies} copies of {path.name}: {summary.counts} in "
+              f"{summary.seconds:.1f} s = "
               f"{summary.done_per_second:.2f} images/s ({summary.seconds / copies * 1000:.0f} ms per image)")
         shutil.rmtree(inbox)
 
@@ -102,11 +103,12 @@ def main() -> None:
     parser.add_argument("--bundle", action="append", default=[], help="bundle dir (default: shipped bundles)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--copies", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=1, help="run-folder worker processes")
     args = parser.parse_args()
     path = args.file or Path(get_testdata_file("RG1_J2KI.dcm"))
     stages(path, tuple(args.bundle), args.repeat)
     if args.copies:
-        throughput(path, tuple(args.bundle), args.copies)
+        throughput(path, tuple(args.bundle), args.copies, args.workers)
 
 
 if __name__ == "__main__":

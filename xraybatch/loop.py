@@ -109,6 +109,7 @@ class QueueWorker:
         self._db_fault = False  # the fault is the results DB: probe it before touching files again
         self._backoff = min(1.0, self.cfg.retry_max_seconds)
         self._last_maintenance = float("-inf")
+        self.ready_at: float | None = None  # time.perf_counter() once the models are loaded
         self._log = {"worker_id": self.worker_id, "stage": "worker"}
 
     # -- supervisor: signals and the stop event --------------------------------------------------------------
@@ -191,6 +192,7 @@ class QueueWorker:
             return False
         self.metrics.models_loaded(self.model_set)
         warm_up()
+        self.ready_at = time.perf_counter()
         return True
 
     @property
@@ -471,8 +473,11 @@ def run_processes(
         intake()
         intake_done.set()
         signalled_at: float | None = None
+        polled = float("-inf")
         while any(p.is_alive() for p in procs):
-            poll()
+            if time.monotonic() - polled >= 1.0:
+                poll()
+                polled = time.monotonic()
             if stop.is_set() and signalled_at is None:
                 signalled_at = time.monotonic()
                 for proc in procs:

@@ -101,7 +101,7 @@ class RunSummary:
     """Counts per final state and wall time of a run."""
 
     counts: dict[str, int]  # final state -> files that ended so in this run
-    seconds: float
+    seconds: float  # wall time from the models loaded (one worker) or from the start (worker processes)
     skipped: int = 0  # files an earlier run over the same folder had already ended: not processed again
     left: int = 0  # files still queued or processing when the run stopped (interrupted): rerun to finish them
     interrupted: str = ""  # the signal that stopped the run early ("SIGINT", "SIGTERM"), or empty
@@ -571,6 +571,7 @@ def run_folder(
             if failure:
                 raise failure[0]
             signum = worker.signal_received
+            start = worker.ready_at or start  # the run's time, without loading the models (as before)
         else:
             supervisor = _Supervisor()
             restore = supervisor.install()

@@ -222,3 +222,23 @@ def test_no_patient_data_in_warnings(
     assert run_folder(tmp_path / "in", _settings(tmp_path, tiny_bundles)).counts == {"done": 1}
     messages = " ".join(str(w.message) for w in recwarn)
     assert '"Doe"' not in messages and '"ward"' not in messages
+
+
+def test_links_and_fifos_in_the_folder_are_logged_once_never_opened(
+    tmp_path: Path, tiny_bundle: Path, dicom_factory: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import os
+
+    good = dicom_factory("good.dcm")
+    os.mkfifo(tmp_path / "in" / "pipe")  # reading it would block for ever
+    (tmp_path / "in" / "link.dcm").symlink_to(good)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "in" / "linked-folder").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    caplog.set_level(logging.WARNING, logger="xraybatch.pipeline")
+    summary = run_folder(tmp_path / "in", _settings(tmp_path, tiny_bundle))
+    assert summary.counts == {"done": 1}
+    assert [Path(str(r["path"])).name for r in _rows(_settings(tmp_path, tiny_bundle))] == ["good.dcm"]
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert len(skipped) == 3 and sum("a FIFO" in m for m in skipped) == 1, skipped
+    assert sum("a symbolic link" in m for m in skipped) == 2
