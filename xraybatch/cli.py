@@ -54,6 +54,9 @@ def _configure_logging(verbose: int, log_format: str) -> None:
         from rich.logging import RichHandler
 
         handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=verbose > 1)
+    from xraybatch import logs
+
+    logs.install(handler)  # library warnings through this handler; quoted values masked
     root = logging.getLogger("xraybatch")
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)] + [handler]
     root.setLevel(level)
