@@ -61,6 +61,7 @@ _UIDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 _PIXEL_TAGS = {0x7FE00010: "Pixel Data", 0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data"}
 _DA = re.compile(r"^\d{8}$")
+_DECIMALS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")  # used by the LUT stages
 _CODESTREAM_PREFIX = 1 << 16  # bytes of the first fragment searched for the frame header
 
 
@@ -137,6 +138,20 @@ def _uid(ds: Dataset, keyword: str) -> str:
             "component and no leading zero in a component"
         )
     return value
+
+
+def _decimals(ds: Dataset, keyword: str) -> None:
+    """Check that a DS element holds finite decimal numbers (the LUT stages compute with them)."""
+    value = _raw(ds, keyword)
+    if value is None or value == "":
+        return
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"{_name(keyword)} is not a decimal number (DS)") from err
+    if not all(np.isfinite(numbers)):
+        raise InvalidInputError(f"{_name(keyword)} is not a finite decimal number (DS)")
 
 
 def read_header(path: Path, cfg: IngestConfig) -> tuple[InstanceHeader, Dataset]:
@@ -288,6 +303,8 @@ def check_image(header: InstanceHeader, ds: Dataset, cfg: IngestConfig) -> None:
     representation = _int(ds, "PixelRepresentation", 0)
     if representation not in (0, 1):
         raise InvalidInputError(f"{_name('PixelRepresentation')} is {representation}; it must be 0 or 1")
+    for keyword in _DECIMALS:
+        _decimals(ds, keyword)
     syntax = header.transfer_syntax_uid or "1.2.840.10008.1.2"
     if syntax not in _NATIVE:
         name = UID(syntax).name
@@ -354,7 +371,7 @@ def _check_element(fp: BinaryIO, offset: int, size: int, syntax: str, expected: 
                 f"Pixel Data is encapsulated (compressed fragments) but the transfer syntax is {name}: "
                 "the File Meta Information names the wrong transfer syntax"
             )
-        if length < expected:
+        if length not in (expected, expected + expected % 2):  # PS3.5 8.1.1: padded to an even length
             raise InvalidInputError(
                 f"Pixel Data holds {length} bytes, but Rows x Columns x SamplesPerPixel x BitsAllocated x frames "
                 f"needs {expected}: the header does not match the pixel data"
@@ -541,7 +558,7 @@ def read(header: InstanceHeader) -> XrayImage:
             del ds.PixelData
     except InvalidInputError:
         raise
-    except _READ_ERRORS as err:
+    except (*_READ_ERRORS, RuntimeError) as err:  # pydicom's decoders raise RuntimeError on damaged data
         raise InvalidInputError(f"the pixel data could not be decoded: {_describe(err)}") from err
     if pixels.ndim != 2:
         raise InvalidInputError(f"expected a single grayscale frame, decoded an array of shape {pixels.shape}")
@@ -561,16 +578,29 @@ def _decode_isolated(path: Path, syntax: str) -> np.ndarray:
 
 
 def _notes(ds: Dataset) -> Iterable[str]:
-    """Data-quality facts about attributes we pass on as received (they do not stop processing)."""
-    charsets = ds.get("SpecificCharacterSet")
+    """Data-quality facts about attributes passed on to the outputs (they do not stop processing).
+
+    Text in a character set with ISO 2022 code extensions, in several character sets, or in one pydicom does
+    not know is decoded here (PS3.5 6.1) and the Dataset is re-labelled UTF-8 (``ISO_IR 192``): the outputs
+    then carry the same characters, in a character set every DICOM writer and viewer handles.
+    """
+    try:
+        charsets = ds.get("SpecificCharacterSet")
+    except _READ_ERRORS:
+        charsets = "(unreadable)"
     if charsets is not None:
-        terms = [charsets] if isinstance(charsets, str) else list(charsets)
-        unknown = [t for t in terms if isinstance(t, str) and t.strip() and t.strip() not in python_encoding]
+        terms = [str(t).strip() for t in ([charsets] if isinstance(charsets, str | bytes) else list(charsets))]
+        unknown = [t for t in terms if t and t not in python_encoding]
         if unknown:
             yield (
                 f"{_name('SpecificCharacterSet')} has {len(unknown)} term(s) outside PS3.3 C.12.1.1.2; "
-                "text was decoded with the default repertoire and is passed on as received"
+                "text was decoded with the default repertoire"
             )
+        plain = len(terms) == 1 and not unknown and not terms[0].startswith("ISO 2022")
+        if not plain and any(terms):
+            ds.decode()
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            yield f"{_name('SpecificCharacterSet')} with code extensions or several terms: text passed on as UTF-8"
     if "PatientBirthDate" in ds:
         try:
             value = ds["PatientBirthDate"].value

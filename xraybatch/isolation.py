@@ -162,16 +162,19 @@ class DecodeChild:
         if self._proc is not None and self._owner == os.getpid():
             self._reap()
         env = dict(os.environ)
-        env["XRAYBATCH_DECODE_PARENT"] = str(os.getpid())
+        env["XRB_DECODE_PARENT"] = str(os.getpid())
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "xraybatch.isolation"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True,
         )
         self._owner = os.getpid()
         self.starts += 1
-        reply = self._receive(self._proc, _START_TIMEOUT_S)
+        try:
+            reply = self._receive(self._proc, _START_TIMEOUT_S)
+        except _Timeout:
+            reply = None
         if reply != ("ready",):
-            how = self._kill_and_describe()
+            how = self._kill_and_describe(timed_out=reply is None and self._proc.poll() is None)
             raise RuntimeError(f"the decoder child did not start ({how})")
         logger.debug("decoder child %d started", self._proc.pid, extra={"stage": "decode"})
         return self._proc
@@ -191,13 +194,18 @@ class DecodeChild:
             proc.kill()
         proc.wait()
 
-    def _kill_and_describe(self) -> str:
+    def _kill_and_describe(self, timed_out: bool = False) -> str:
+        """Stop the child; how it ended. After end of input it is dying already: wait for its status."""
         proc = self._proc
         if proc is None:
             return "not running"
-        alive = proc.poll() is None
+        if not timed_out:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                timed_out = True
         self._reap()
-        return f"did not answer within {self.timeout_s:g} s" if alive else _signal_name(proc.returncode)
+        return f"did not answer within {self.timeout_s:g} s" if timed_out else _signal_name(proc.returncode)
 
     def close(self) -> None:
         """Stop the child (it also stops by itself when this process ends)."""
@@ -221,13 +229,16 @@ class DecodeChild:
             for plugin in plugins or ("",):
                 proc = self._ensure()
                 deadline = time.monotonic() + self.timeout_s
+                timed_out = False
                 try:
                     self._send(proc, _Request(os.fsencode(path), plugin))
                     reply = self._receive(proc, max(0.0, deadline - time.monotonic()))
+                except _Timeout:
+                    reply, timed_out = None, True
                 except (OSError, EOFError, pickle.UnpicklingError):
                     reply = None
                 if reply is None:
-                    how = self._kill_and_describe()
+                    how = self._kill_and_describe(timed_out)
                     logger.warning(
                         "decoder child %s while decoding %s (plugin %s); starting a new one", how,
                         _file_ref(path), plugin or "default", extra={"stage": "decode"},
@@ -235,9 +246,12 @@ class DecodeChild:
                     raise DecoderCrashed(how, plugin or "pydicom", errors)
                 if reply[0] == "ok":
                     _, dtype, shape, nbytes = reply
-                    data = _read_exactly(proc.stdout, nbytes, deadline) if proc.stdout is not None else None
+                    try:
+                        data = _read_exactly(proc.stdout, nbytes, deadline) if proc.stdout is not None else None
+                    except _Timeout:
+                        data, timed_out = None, True
                     if data is None:
-                        how = self._kill_and_describe()
+                        how = self._kill_and_describe(timed_out)
                         raise DecoderCrashed(how, plugin or "pydicom", errors)
                     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
                 errors.append(f"{plugin or 'pydicom'}: {reply[1]}")
@@ -250,7 +264,7 @@ class DecodeChild:
 
     @staticmethod
     def _receive(proc: subprocess.Popen[bytes], timeout_s: float) -> Any:
-        """One message from the child, or ``None`` when it ended or did not answer in ``timeout_s``."""
+        """One message from the child, or ``None`` when it ended; ``_Timeout`` when it did not answer in time."""
         assert proc.stdout is not None
         stream = proc.stdout
         deadline = time.monotonic() + timeout_s
@@ -261,8 +275,12 @@ class DecodeChild:
         return None if payload is None else pickle.loads(payload)
 
 
+class _Timeout(Exception):
+    """The child did not answer before the deadline."""
+
+
 def _read_exactly(stream: IO[bytes], size: int, deadline: float) -> bytearray | None:
-    """``size`` bytes from the pipe (a writable buffer), or ``None`` at end of input or past ``deadline``."""
+    """``size`` bytes from the pipe (a writable buffer), or ``None`` at end of input; ``_Timeout`` past ``deadline``."""
     fd = stream.fileno()
     buffer = bytearray(size)
     view = memoryview(buffer)
@@ -270,7 +288,7 @@ def _read_exactly(stream: IO[bytes], size: int, deadline: float) -> bytearray | 
     while done < size:
         wait = deadline - time.monotonic()
         if wait <= 0 or not select.select([fd], [], [], wait)[0]:
-            return None
+            raise _Timeout
         got = os.readv(fd, [view[done:]])
         if not got:
             return None
@@ -319,7 +337,7 @@ def decode(path: Path, transfer_syntax_uid: str) -> np.ndarray:
 
 
 def _die_with_parent() -> None:
-    parent = int(os.environ.get("XRAYBATCH_DECODE_PARENT", "0") or 0)
+    parent = int(os.environ.get("XRB_DECODE_PARENT", "0") or 0)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)

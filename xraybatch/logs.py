@@ -26,7 +26,7 @@ _QUOTED = re.compile(r"b?'(?:[^'\\\n]|\\.)*'" r'|b?"(?:[^"\\\n]|\\.)*"')
 # A date-like run of digits (YYYYMMDD, YYYY-MM-DD, DD.MM.YYYY ...) that a message may carry unquoted.
 _DATE = re.compile(r"(?<![\d.])(?:\d{8}|\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4})(?![\d.])")
 _OWN = ("xraybatch", "training")
-_ENV = "XRAYBATCH_MASKED_WARNINGS"  # set by install(): worker processes started afterwards mask theirs too
+_ENV = "XRB_MASKED_WARNINGS"  # set by install(): worker processes started afterwards mask theirs too
 _installed = False
 
 
@@ -102,6 +102,9 @@ def install(handler: logging.Handler) -> None:
     """
     if not any(isinstance(f, MaskingFilter) for f in handler.filters):
         handler.addFilter(MaskingFilter())
+    pydicom_logger = logging.getLogger("pydicom")  # pydicom logs each warning too, to any root handler
+    if not any(isinstance(f, MaskingFilter) for f in pydicom_logger.filters):
+        pydicom_logger.addFilter(MaskingFilter())
     logging.captureWarnings(True)
     py_warnings = logging.getLogger("py.warnings")
     py_warnings.handlers = [handler]
