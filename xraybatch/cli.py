@@ -53,6 +53,9 @@ def _configure_logging(verbose: int, log_format: str) -> None:
     else:  # one line per record, never wrapped to the terminal's width (a log collector reads it too)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    from xraybatch import logs
+
+    logs.install(handler)  # library warnings through this handler; quoted values masked
     root = logging.getLogger("xraybatch")
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)] + [handler]
     root.setLevel(level)

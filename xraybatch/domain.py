@@ -8,6 +8,7 @@ Each stage takes one of these plus its sub-config and returns a new one; only ``
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -24,9 +25,25 @@ def file_ref(path: Path) -> str:
     """How log lines name a file: ``file:`` and 12 hex digits of the SHA-256 of its absolute path.
 
     File names may carry patient names, so logs never show them; the results DB (``instances.path``) and the
-    quarantine sidecars keep the path for people with access to the data.
+    quarantine sidecars keep the path for people with access to the data. Any file name works, whether or not
+    it is valid UTF-8 (the digest is taken over the name's bytes).
     """
-    return "file:" + hashlib.sha256(str(Path(path).absolute()).encode()).hexdigest()[:12]
+    return "file:" + hashlib.sha256(os.fsencode(Path(path).absolute())).hexdigest()[:12]
+
+
+def path_text(path: Path | str) -> str:
+    """``path`` as text that any database, CSV or JSON file can store: valid UTF-8 always.
+
+    A file name that is not valid UTF-8 (Python holds its undecodable bytes as surrogates) gets those bytes
+    written as ``\\xNN`` escapes, so ``/in/caf\\xe9.dcm`` names the Latin-1 file ``café.dcm``; every other name
+    is returned unchanged.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 class State(StrEnum):
@@ -66,6 +83,7 @@ class InstanceHeader:
     rows: int
     columns: int
     transfer_syntax_uid: str
+    pixel_data_offset: int = -1  # where the Pixel Data element starts in the file; -1: not known
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,7 @@ class XrayImage:
     header: InstanceHeader
     dataset: Dataset  # every attribute but Pixel Data; source of the study context for the outputs
     pixels: np.ndarray  # 2-D stored values exactly as decoded
+    notes: tuple[str, ...] = ()  # data-quality facts about the header (odd values passed on as received)
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 2:

@@ -54,3 +54,9 @@ class WriteBackError(XrayBatchError):
     """A DICOM output could not be built or written."""
 
     default_message = "a DICOM output could not be written; check that the outbox folder is writable"
+
+
+class DecoderCrashedError(InvalidInputError):
+    """A native pixel decoder crashed or hung on the file; only that file is rejected (state ``rejected``)."""
+
+    default_message = "the pixel data could not be decoded: the decoder crashed"

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xraybatch import ingest, preprocess
+from xraybatch import ingest, logs, preprocess
 from xraybatch.domain import DisplayImage, InstanceHeader, ModelInput, Outcome, State, XrayImage, file_ref
 from xraybatch.errors import (
     InvalidInputError,
@@ -120,18 +120,24 @@ class RunSummary:
 
 
 def _failure(path: Path, header: InstanceHeader | None, err: BaseException, timings: dict[str, float]) -> Outcome:
-    """The final Outcome for an error raised while reading a file (the per-file catch-all)."""
+    """The final Outcome for an error raised while reading a file (the per-file catch-all).
+
+    The reason of an unexpected error names its type and where it was raised, never its message: pydicom's
+    conversion errors quote the element value (a birth date, a name). The traceback goes to the log with
+    every quoted value and date withheld.
+    """
     if isinstance(err, NotApplicableError):
         return Outcome(path, State.NOT_APPLICABLE, str(err), header, timings=timings)
     if isinstance(err, InvalidInputError):
         return Outcome(path, State.REJECTED, str(err), header, timings=timings)
     if isinstance(err, XrayBatchError):
-        return Outcome(path, State.FAILED, str(err), header, timings=timings)
+        return Outcome(path, State.FAILED, logs.mask_exception_text(str(err)), header, timings=timings)
+    where = logs.describe_error(err)
     logger.error(
-        "unexpected error while reading %s", file_ref(path), exc_info=err,
+        "unexpected error while reading %s: %s\n%s", file_ref(path), where, logs.format_exception(err),
         extra={"sop_instance_uid": header.sop_instance_uid if header else "", "stage": "read"},
     )
-    return Outcome(path, State.FAILED, f"internal error: {type(err).__name__}: {err}", header, timings=timings)
+    return Outcome(path, State.FAILED, f"internal error: {where} (traceback in the log)", header, timings=timings)
 
 
 def read_received(path: Path, received: Path, cfg: IngestConfig) -> InstanceHeader | Outcome:
@@ -157,12 +163,16 @@ def read_received(path: Path, received: Path, cfg: IngestConfig) -> InstanceHead
 
 
 def _log(outcome: Outcome) -> None:
+    """One line per final state; files are named by UID or path digest, failure texts with values withheld."""
     uid = outcome.header.sop_instance_uid if outcome.header else ""
     extra = {"sop_instance_uid": uid, "stage": "pipeline", "state": str(outcome.state)}
     ref = uid or file_ref(outcome.path)
     level = logging.INFO if outcome.state in (State.DONE, State.DUPLICATE, State.NOT_APPLICABLE) else logging.WARNING
-    if outcome.reason:
-        logger.log(level, "%s %s: %s", outcome.state, ref, outcome.reason, extra=extra)
+    # Reasons of rejected and not-applicable files are ours and name elements only; a failure can carry a
+    # library's message (a write-back or inference error), which may quote a value.
+    reason = logs.mask_exception_text(outcome.reason) if outcome.state == State.FAILED else outcome.reason
+    if reason:
+        logger.log(level, "%s %s: %s", outcome.state, ref, reason, extra=extra)
     else:
         logger.log(level, "%s %s", outcome.state, ref, extra=extra)
 

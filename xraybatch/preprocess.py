@@ -18,6 +18,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from xraybatch.domain import DisplayImage, ModelInput, XrayImage
 from xraybatch.errors import InvalidInputError
+from xraybatch.logs import mask_exception_text
 from xraybatch.settings import PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def to_display(image: XrayImage, cfg: PreprocessConfig) -> DisplayImage:
         When the image is constant (no contrast to show) or its LUT attributes are unusable.
     """
     ds = image.dataset
-    notes: list[str] = []
+    notes: list[str] = list(image.notes)
     try:
         values = apply_modality_lut(image.pixels, ds)
         if "ModalityLUTSequence" in ds:
@@ -62,8 +63,9 @@ def to_display(image: XrayImage, cfg: PreprocessConfig) -> DisplayImage:
             windowed = values
             low, high = percentile_window(values, cfg)
             notes.append(f"no VOI in file: percentile window {cfg.percentile_window[0]}-{cfg.percentile_window[1]}")
-    except (ValueError, TypeError, KeyError, IndexError) as err:
-        raise InvalidInputError(f"modality/VOI LUT attributes are unusable: {err}") from err
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as err:
+        detail = mask_exception_text(f"{type(err).__name__}: {err}")[:200]  # pydicom quotes the values it rejects
+        raise InvalidInputError(f"modality/VOI LUT attributes are unusable: {detail}") from err
     display = _normalise(windowed, low, high)
     if image.header.photometric_interpretation == "MONOCHROME1":
         display = 1.0 - display

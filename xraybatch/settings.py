@@ -36,6 +36,11 @@ ENV_PREFIX = "XRAYBATCH_"
 class IngestConfig:
     """Which DICOM instances are chest radiographs we process (series selection as data)."""
 
+    sop_classes: tuple[str, ...] = (  # (0008,0016) SOP Class UIDs accepted: CR, DX for presentation and processing
+        "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+        "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    )
     modalities: tuple[str, ...] = ("CR", "DX", "DR")  # (0008,0060) Modality values accepted
     body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG")  # (0018,0015) BodyPartExamined accepted
     accept_missing_body_part: bool = True  # many CR devices leave BodyPartExamined empty

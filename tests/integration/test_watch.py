@@ -656,8 +656,8 @@ def test_hostile_files_are_quarantined_with_their_reason_and_the_daemon_goes_on(
         "text.dcm": (b"this is not an image\n" * 20, "rejected", "not a DICOM file"),
         "dicm-garbage.dcm": (b"\0" * 128 + b"DICM" + garbage, "rejected", ""),
         "header-cut.dcm": (good[:300], "rejected", ""),
-        "pixels-cut.dcm": (dicom_bytes(4001)[:-20000], "rejected", "pixel data"),
-        "unknown-vr.dcm": (_unknown_vr(dicom_bytes(4002)), "rejected", "damaged DICOM header"),
+        "pixels-cut.dcm": (dicom_bytes(4001)[:-20000], "rejected", "the file ends inside Pixel Data"),
+        "unknown-vr.dcm": (_unknown_vr(dicom_bytes(4002)), "rejected", "cannot be read (NotImplementedError)"),
     }
     for name, (data, _, _) in hostile.items():
         site.drop(name, data)

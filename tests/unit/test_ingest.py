@@ -116,7 +116,7 @@ BAD = {
     "zero-byte": (_bytes("z", b""), r"empty file"),
     "text": (_bytes("t.txt", b"hello, not an image"), r"not a DICOM file"),
     "dicm-garbage": (_bytes("g", b"\0" * 128 + b"DICM" + bytes(range(256)) * 8), r"damaged DICOM|not a DICOM|lacks"),
-    "truncated": (_truncated, r"could not be decoded|damaged"),
+    "truncated": (_truncated, r"the file ends inside Pixel Data: \d+ of its \d+ bytes are present \(truncated copy\)"),
     "no-pixels": (_no_pixels, r"no Pixel Data"),
     "multi-frame": (_multiframe, r"multi-frame image \(2 frames\)"),
     "colour": (_rgb, r"colour or unsupported image \(PhotometricInterpretation 'RGB'"),
@@ -150,5 +150,5 @@ def test_unknown_value_representation_is_rejected(tmp_path: Path) -> None:
     assert at > 0
     data[at + 4:at + 6] = b"ZZ"  # pydicom converts values lazily: this fails after dcmread, not in it
     (tmp_path / "b.dcm").write_bytes(bytes(data))
-    with pytest.raises(InvalidInputError, match="damaged DICOM header: NotImplementedError"):
+    with pytest.raises(InvalidInputError, match=r"Modality \(0008,0060\) cannot be read \(NotImplementedError\)"):
         ingest.read_header(tmp_path / "b.dcm", CFG)

@@ -7,7 +7,8 @@ Two row kinds, whose column names tools outside xraybatch depend on (keep them):
 ``instances``: one row per input file seen
     :data:`INSTANCE_COLUMNS`.
 
-Datetimes are ISO 8601 strings in UTC. ``patient_id`` is never exported.
+Datetimes are ISO 8601 strings in UTC. ``patient_id`` is never exported. CSV cells that a spreadsheet would
+run as a formula get a leading ``'`` (:func:`neutralise_formula`).
 """
 
 from __future__ import annotations
@@ -197,7 +198,22 @@ def _statement(what: str, flt: ResultFilter) -> Select[Any]:
     return select(*columns).where(*conditions).order_by(Instance.id)
 
 
+# Cells a spreadsheet reads as a formula (OWASP "CSV Injection"): a leading = + - @ tab or carriage return.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_formula(text: str) -> str:
+    """``text`` with a ``'`` in front when a spreadsheet would run it as a formula, e.g. ``=HYPERLINK(...)``.
+
+    Every value in the DB arrived in a DICOM file or a file name, so any of them can carry a formula; the
+    ``'`` makes Excel, LibreOffice and Google Sheets show the cell as text. JSON exports are left as they are.
+    """
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _csv_value(value: object) -> object:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        return neutralise_formula(value)
     return "" if value is None else value

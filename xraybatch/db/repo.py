@@ -36,7 +36,7 @@ from xraybatch.db.tables import (
     PredictionRow,
     utcnow,
 )
-from xraybatch.domain import InstanceHeader, Outcome, State
+from xraybatch.domain import InstanceHeader, Outcome, State, path_text
 from xraybatch.errors import PersistError
 from xraybatch.models.registry import BundleSpec
 
@@ -115,7 +115,7 @@ def claim(
     now = utcnow()
     row = Instance(
         **_header_columns(header),
-        path=str(header.path),
+        path=path_text(header.path),
         state=State.PROCESSING.value,
         attempts=1,
         worker_id=worker_id,
@@ -314,7 +314,7 @@ def record_unclaimed(
     now = utcnow()
     row = Instance(
         **(_header_columns(outcome.header) if outcome.header else {}),
-        path=str(outcome.path),
+        path=path_text(outcome.path),
         state=outcome.state.value,
         reason=outcome.reason,
         notes=list(outcome.notes),
