@@ -159,14 +159,16 @@ def build_pm(
 def _geometry(source: Dataset, root: str) -> tuple[Dataset, bool]:
     """The source with the plane geometry highdicom needs, and whether its pixel spacing is nominal.
 
-    A source with a Frame of Reference, orientation, position and spacing is used as it is; otherwise a
-    shallow copy gets a derived Frame of Reference and a plane at the origin (see the module docstring).
+    A shallow copy: a source with a Frame of Reference, orientation, position and spacing keeps them;
+    otherwise the copy gets a derived Frame of Reference and a plane at the origin (see the module docstring).
     """
+    geometry = Dataset({elem.tag: elem for elem in source})
+    if "SliceThickness" not in geometry:
+        geometry.SliceThickness = None  # highdicom reads it; a projection image has none
     if all(k in source for k in ("FrameOfReferenceUID", "ImageOrientationPatient", "ImagePositionPatient")) and (
         _spacing(source.get("PixelSpacing")) is not None
     ):
-        return source, False
-    geometry = Dataset({elem.tag: elem for elem in source})
+        return geometry, False
     geometry.FrameOfReferenceUID = derive_uid(root, "frame-of-reference", str(source.SOPInstanceUID))
     orientation = [str(v) for v in source.get("PatientOrientation") or ()]
     if len(orientation) == 2 and all(v in _DIRECTIONS for v in orientation):
@@ -177,7 +179,6 @@ def _geometry(source: Dataset, root: str) -> tuple[Dataset, bool]:
     geometry.ImagePositionPatient = [0.0, 0.0, 0.0]
     spacing = _spacing(source.get("PixelSpacing")) or _spacing(source.get("ImagerPixelSpacing"))
     geometry.PixelSpacing = list(spacing or (1.0, 1.0))
-    geometry.SliceThickness = None
     return geometry, spacing is None
 
 

@@ -248,7 +248,8 @@ def panel_lines(
     for sentence in disagreements(predictions):
         lines.append(PanelLine([sentence.split(":")[0] + "!"], COLOURS[4]))
     if colours:
-        lines.append(PanelLine(["Colour: Grad-CAM, where the model looked"], _GREY))
+        lines.append(PanelLine([f"Outlined: the {len(colours)} most probable positive findings"], _GREY))
+        lines.append(PanelLine(["(Grad-CAM: where the model looked)"], _GREY))
     return lines
 
 
@@ -274,14 +275,16 @@ def _orientation(source: Dataset) -> tuple[str, str] | None:
 
 def _blend_heat(image: np.ndarray, heatmap: Heatmap, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
     """Blend one heat map in ``colour``: opacity rises smoothly from HEAT_LOW to HEAT_HIGH; a contour line."""
-    # heat maps are smooth, so bilinear resampling is enough (and 5x faster than INTER_AREA)
+    # heat maps are smooth, so bilinear resampling is enough (and 5x faster than INTER_AREA); Grad-CAM comes
+    # from a grid of a few dozen cells, whose corners a blur rounds off so that the outline follows the heat
     heat = cv2.resize(heatmap.values, size, interpolation=cv2.INTER_LINEAR)
+    heat = cv2.GaussianBlur(heat, (0, 0), max(size) / 60)
     t = np.clip((heat - HEAT_LOW) / (HEAT_HIGH - HEAT_LOW), 0.0, 1.0)
     alpha = (t * t * (3.0 - 2.0 * t) * HEAT_ALPHA)[..., None]  # smoothstep: no hard edge
     blended = image * (1.0 - alpha) + np.asarray(colour, np.float32) * alpha
     np.copyto(image, (blended + 0.5).astype(np.uint8))
     mask = (heat >= HEAT_CONTOUR).astype(np.uint8)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(image, contours, -1, colour, max(1, round(max(size) / 400)), cv2.LINE_AA)
 
 
