@@ -285,6 +285,8 @@ def _blend_heat(image: np.ndarray, heatmap: Heatmap, size: tuple[int, int], colo
     np.copyto(image, (blended + 0.5).astype(np.uint8))
     mask = (heat >= HEAT_CONTOUR).astype(np.uint8)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    # specks (under 0.2 % of the image) would read as small lesions: the soft fill shows them, no outline
+    contours = [c for c in contours if cv2.contourArea(c) >= 0.002 * size[0] * size[1]]
     cv2.drawContours(image, contours, -1, colour, max(1, round(max(size) / 400)), cv2.LINE_AA)
 
 
