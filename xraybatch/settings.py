@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -97,8 +98,12 @@ class OutputConfig:
 
     secondary_capture: bool = True  # write the Grad-CAM overlay as a Secondary Capture
     structured_report: bool = True  # write the TID 1500 Structured Report
-    sc_max_size: int = 1024  # longest side of the Secondary Capture, in pixels
+    parametric_map: bool = True  # write one Parametric Map per explained finding (the heat as values 0-1)
+    sc_max_size: int = 1024  # longest side of the Secondary Capture's image part (the panel is added), in pixels
+    sc_encoding: str = "jpeg"  # SC pixels: "jpeg" (baseline, lossy, high quality), "jpeg-ls" or "rle" (lossless), "none"
+    pm_max_size: int = 256  # longest side of a Parametric Map's grid, in pixels (Grad-CAM holds no finer detail)
     institution: str = ""  # InstitutionName in Contributing Equipment; empty = copy from the source
+    uid_root: str = ""  # the site's UID root for output UIDs; empty = UUID-derived UIDs under 2.25 (no registration)
 
 
 @dataclass(frozen=True)
@@ -261,8 +266,22 @@ def _validate(obj: Any) -> None:
             raise ConfigError("[watch] max_attempts must be >= 1 and the times must be > 0")
         if not 0 <= obj.metrics_port <= 65535:
             raise ConfigError(f"[watch] metrics_port must be a TCP port 1-65535, or 0 for none; got {obj.metrics_port}")
-    elif isinstance(obj, OutputConfig) and obj.sc_max_size < 64:
-        raise ConfigError(f"[output] sc_max_size must be >= 64, got {obj.sc_max_size}")
+    elif isinstance(obj, OutputConfig):
+        if obj.sc_max_size < 64 or obj.pm_max_size < 8:
+            raise ConfigError(
+                f"[output] sc_max_size must be >= 64 and pm_max_size >= 8, got {obj.sc_max_size}, {obj.pm_max_size}"
+            )
+        if obj.sc_encoding not in ("jpeg", "jpeg-ls", "rle", "none"):
+            raise ConfigError(
+                f"[output] sc_encoding must be 'jpeg', 'jpeg-ls', 'rle' or 'none', got {obj.sc_encoding!r}"
+            )
+        if obj.uid_root and (
+            len(obj.uid_root) > 40 or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", obj.uid_root)
+        ):
+            raise ConfigError(
+                f"[output] uid_root must be a UID root of digits and dots, at most 40 characters, without "
+                f"leading zeros (PS3.5 9.1), e.g. '1.2.840.99999.1'; got {obj.uid_root!r}"
+            )
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:

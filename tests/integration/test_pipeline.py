@@ -18,6 +18,8 @@ from xraybatch.db.export import ResultFilter, iter_rows
 from xraybatch.pipeline import Processor, run_folder
 from xraybatch.settings import Settings, load_settings
 
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage: one per explained finding, beside the SR and SC
+
 
 def _settings(tmp_path: Path, bundles: Path, **sections: dict[str, object]) -> Settings:
     return load_settings(
@@ -86,8 +88,10 @@ def test_real_files_end_to_end(tmp_path: Path, tiny_bundles: Path) -> None:
     for key, value in prob["RG1_UNCR.dcm"].items():
         assert abs(value - prob["RG1_J2KR.dcm"][key]) < 1e-3  # type: ignore[operator]
 
-    # One SR and one SC per processed instance, each referencing its source.
-    outputs = sorted(settings.outbox.rglob("*.dcm"))
+    # One SR and one SC per processed instance, each referencing its source; parametric maps beside them.
+    everything = sorted(settings.outbox.rglob("*.dcm"))
+    maps = [p for p in everything if dcmread(p, stop_before_pixels=True).SOPClassUID == PARAMETRIC_MAP]
+    outputs = [p for p in everything if p not in maps]
     assert len(outputs) == 2 * summary.counts["done"] == 8
     done_uids = {r["sop_instance_uid"] for r in by_name.values() if r["state"] == "done"}
     referenced: dict[str, list[str]] = {}
@@ -109,11 +113,17 @@ def test_real_files_end_to_end(tmp_path: Path, tiny_bundles: Path) -> None:
             assert _dciodvfy_errors(path) == [], path
     assert set(referenced) == done_uids
     assert all(sorted(kinds) == ["OT", "SR"] for kinds in referenced.values()), referenced
+    for path in maps:
+        ds = dcmread(path, stop_before_pixels=True)
+        derivation = ds.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+        assert derivation.SourceImageSequence[0].ReferencedSOPInstanceUID in done_uids
+        if shutil.which("dciodvfy"):
+            assert _dciodvfy_errors(path) == [], path
 
     # A second run over the same folder resumes: every file is final already, nothing is processed again.
     again = run_folder(inbox, settings)
     assert (again.counts, again.skipped, again.left) == ({}, 14, 0)
-    assert len(sorted(settings.outbox.rglob("*.dcm"))) == 8 and len(_rows(settings)) == 14
+    assert sorted(settings.outbox.rglob("*.dcm")) == everything and len(_rows(settings)) == 14
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -140,7 +150,9 @@ def test_synthetic_batch_every_file_one_state(
     rows = _rows(settings)
     assert len(rows) == 8 and all(r["reason"] for r in rows if r["state"] != "done")
     assert len(_rows(settings, "predictions")) == 5 * 16
-    assert len(list(settings.outbox.rglob("*.dcm"))) == 10
+    written = sorted(settings.outbox.rglob("*.dcm"))
+    maps = [p for p in written if dcmread(p, stop_before_pixels=True).SOPClassUID == PARAMETRIC_MAP]
+    assert len(written) - len(maps) == 10  # an SR and an SC per done file, and a map per explained finding
     # Same folder again: nothing to do, nothing written twice. A copy in another folder is a duplicate.
     again = run_folder(tmp_path / "in", settings)
     assert (again.counts, again.skipped) == ({}, 8)
@@ -149,7 +161,7 @@ def test_synthetic_batch_every_file_one_state(
     for name in ("chest0", "lateral", "garbage"):
         (copies / name).write_bytes((tmp_path / "in" / name).read_bytes())
     assert run_folder(copies, settings).counts == {"duplicate": 2, "rejected": 1}
-    assert len(list(settings.outbox.rglob("*.dcm"))) == 10 and len(_rows(settings, "predictions")) == 80
+    assert sorted(settings.outbox.rglob("*.dcm")) == written and len(_rows(settings, "predictions")) == 80
 
 
 def test_internal_error_fails_one_file_and_the_run_goes_on(

@@ -260,6 +260,8 @@ def assert_exactly_once(site: Site) -> list[Instance]:
 
     done = {r.sop_instance_uid for r in rows if r.state == "done"}
     outputs = [p for p in (site.workdir / "outbox").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    # parametric maps (one per explained finding) are beside the SR and SC; count those two
+    outputs = [p for p in outputs if dcmread(p, stop_before_pixels=True).SOPClassUID != "1.2.840.10008.5.1.4.1.1.30"]
     references: Counter[tuple[str, str]] = Counter()
     for path in outputs:
         ds = dcmread(path, stop_before_pixels=True)

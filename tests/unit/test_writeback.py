@@ -6,29 +6,49 @@ checked with dciodvfy (dicom3tools) on synthetic sources, pydicom's test files a
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
-from pydicom.uid import SecondaryCaptureImageStorage
+from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 from tests.synth import make_dataset
 from xraybatch import __version__
 from xraybatch.domain import DisplayImage, Heatmap, OutputRecord, Prediction
 from xraybatch.errors import WriteBackError
-from xraybatch.models.findings import BINARY_TARGETS, NIH_TARGETS, PRIVATE_SCHEME, TARGET_CODES
+from xraybatch.models.findings import (
+    BINARY_TARGETS,
+    NIH_TARGETS,
+    NO_FINDING,
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_UID,
+    TARGET_CODES,
+    label,
+)
 from xraybatch.settings import OutputConfig
 from xraybatch.writeback import build_sc, build_sr, write_outputs
-from xraybatch.writeback.common import SERIES_DESCRIPTION, atomic_write, model_set, output_uids
-from xraybatch.writeback.sc import findings_text, render
+from xraybatch.writeback.common import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    SERIES_DESCRIPTION,
+    atomic_write,
+    instance_number,
+    model_set,
+    output_uids,
+)
+from xraybatch.writeback.sc import COLOURS, findings_text, panel_lines, render
+from xraybatch.writeback.sr import disagreements
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -98,6 +118,24 @@ def _write(
 def _dciodvfy_errors(path: Path) -> list[str]:
     result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
     return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+
+
+def _dciodvfy_warnings_of_ours(path: Path, source: pydicom.Dataset) -> list[str]:
+    """dciodvfy warnings about what xraybatch wrote: those about values copied from the source are left out,
+    and so is the private scheme declared for the findings that have no standard code."""
+    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
+    source_values = {str(e.value) for e in source if e.VR not in ("SQ", "OB", "OW")}
+    if not source.get("StudyID"):
+        source_values.add("Study ID")  # "needed to build DICOMDIR - Study ID": the source has none
+    ours = []
+    for line in (result.stdout + result.stderr).splitlines():
+        quoted = set(re.findall(r"<([^>]*)>", line)) | {line.rsplit(" - ", 1)[-1].strip()}
+        if not line.startswith("Warning") or quoted & source_values:
+            continue  # a value (or a missing value) copied from the source
+        if PRIVATE_SCHEME in line or PRIVATE_SCHEME_UID in line or "Person Name" in line:
+            continue  # the declared private scheme; names are copied from the source
+        ours.append(line)
+    return ours
 
 
 def _shared(relative: str) -> Path:
@@ -175,7 +213,15 @@ def test_sc_round_trip(source: pydicom.Dataset, predictions: tuple[Prediction, .
     assert len(sc.SeriesDescription) <= 64
     assert sc.Manufacturer == "xraybatch"
     assert sc.BurnedInAnnotation == "YES"
-    assert "Laterality" in sc
+    assert sc.ConversionType == "WSD"
+    assert "Laterality" not in sc, "the source gives no laterality: the SC must not invent (or empty) one"
+    assert sc.BodyPartExamined == source.BodyPartExamined
+    assert sc.InstanceNumber == instance_number(source, "sc") and sc.InstanceNumber != 1
+    assert sc.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert (sc.LossyImageCompression, sc.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
+    assert sc.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert sc.file_meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
+    assert sc.SOPInstanceUID.startswith("2.25.") and sc.SeriesInstanceUID.startswith("2.25.")
     ref = sc.SourceImageSequence[0]
     assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
         source.SOPClassUID,
@@ -185,40 +231,85 @@ def test_sc_round_trip(source: pydicom.Dataset, predictions: tuple[Prediction, .
     assert ours and {f"xraybatch {__version__}", "nih-densenet@1.2", "pneumonia-resnet@2.0"} <= set(
         ours[0].SoftwareVersions
     )
-    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
+    assert ours[0].DeviceSerialNumber == sc.DeviceSerialNumber
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("YBR_FULL_422", 3, 8)
     pixels = sc.pixel_array
     assert pixels.dtype == np.uint8 and pixels.shape == (sc.Rows, sc.Columns, 3)
-    assert max(sc.Rows, sc.Columns) == 512
-    top = pixels[:8].astype(int)
+    assert sc.Rows > 512 or sc.Columns > 512, "the banner and panel are added around the 512-pixel image"
+    top = pixels[:30].astype(int)
     assert ((top[..., 0] > 200) & (top[..., 1] > 150) & (top[..., 2] < 100)).any(), (
         "no yellow banner text at the top"
     )
 
 
 @pytest.mark.parametrize(("rows", "cols", "max_size"), [(1955, 1841, 1024), (256, 240, 512), (300, 900, 256)])
-def test_sc_size_keeps_aspect(rows: int, cols: int, max_size: int, nih: Prediction) -> None:
-    pixels = render(_display(rows, cols), [nih], [], max_size)
+def _image_part(pixels: np.ndarray, rows: int, cols: int, max_size: int) -> np.ndarray:
+    """The radiograph's area of a rendered SC: below the banner band, left of the panel."""
+    scale = max_size / max(rows, cols)
+    height, width = round(rows * scale), round(cols * scale)
+    banner = pixels.shape[0] - height
+    return pixels[banner:, :width]
+
+
+@pytest.mark.parametrize(("rows", "cols", "max_size"), [(1955, 1841, 1024), (256, 240, 512), (300, 900, 256)])
+def test_sc_keeps_the_whole_image(rows: int, cols: int, max_size: int, nih: Prediction) -> None:
+    """The image part is the whole radiograph at max_size, aspect kept; banner and panel lie outside it."""
+    display = _display(rows, cols)
+    pixels = render(display, [nih], [], max_size)
     assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
-    assert max(pixels.shape[:2]) == max_size
-    assert pixels.shape[0] / pixels.shape[1] == pytest.approx(rows / cols, rel=0.01)
+    image = _image_part(pixels, rows, cols, max_size)
+    assert max(image.shape[:2]) == max_size
+    scale = max_size / max(rows, cols)
+    expected = cv2.resize(display.pixels, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    assert np.abs(image[..., 0].astype(int) - np.round(expected * 255)).max() <= 1, "text drawn over the image"
+    assert pixels.shape[0] > image.shape[0] and pixels.shape[1] > image.shape[1]
 
 
-def test_sc_banner_burned_in_at_top(nih: Prediction) -> None:
-    """On a white image, the top rows are a dark band holding yellow text; the image below stays white."""
+def test_sc_banner_is_a_band_above_the_image(nih: Prediction) -> None:
+    """On a white image, the rows above it are a dark band holding yellow text; the image stays white."""
     pixels = render(_display(400, 400, value=1.0), [nih], [], 400).astype(int)
-    band = pixels[:15]
+    banner = pixels.shape[0] - 400
+    assert banner > 10
+    band = pixels[:banner]
     assert band.mean() < 120
     yellow = (band[..., 0] > 200) & (band[..., 1] > 150) & (band[..., 2] < 100)
     assert yellow.sum() > 50
-    assert (pixels[40:60, 300:] == 255).all()
+    assert (pixels[banner:, :400] == 255).all(), "something is drawn over the image"
 
 
-def test_sc_heat_only_where_hot(pneumonia: Prediction) -> None:
+def test_sc_heat_fades_in_smoothly(pneumonia: Prediction) -> None:
     rows, cols = 300, 300
-    pixels = render(_display(rows, cols, value=0.5), [pneumonia], [_blob(rows, cols)], 300).astype(int)
-    centre, corner = pixels[150, 150], pixels[60, 280]
+    heat = _blob(rows, cols)
+    pixels = render(_display(rows, cols, value=0.5), [pneumonia], [heat], 300).astype(int)
+    image = _image_part(pixels, rows, cols, 300)
+    centre, corner = image[150, 150], image[10, 10]
     assert len(set(centre)) > 1, "the heat map is not blended at the hot spot"
-    assert len(set(corner)) == 1, "colour where the heat is below the minimum"
+    assert len(set(corner)) == 1, "colour where there is no heat"
+    # along a ray from the centre the colour changes in small steps: no hard edge
+    ray = image[150, 150:300, 0]
+    steps = np.abs(np.diff(ray))
+    assert len(set(ray.tolist())) > 10, "the fill has few levels: a hard edge"
+    assert (steps >= 20).sum() <= 4, "hard steps beyond the edges of the outline"
+
+
+def test_sc_each_explained_finding_has_its_colour_and_legend(nih: Prediction, pneumonia: Prediction) -> None:
+    rows, cols = 300, 300
+    left = Heatmap("pneumonia-resnet", "Pneumonia", 0.83, _shifted_blob(rows, cols, 0.25))
+    right = Heatmap("nih-densenet", "Hernia", 0.91, _shifted_blob(rows, cols, 0.75))
+    pixels = render(_display(rows, cols, value=0.5), [nih, pneumonia], [left, right], 300).astype(int)
+    image = _image_part(pixels, rows, cols, 300)
+    a, b = image[150, 75], image[150, 225]
+    assert np.abs(a - b).sum() > 60, "two findings share one colour"
+    lines = panel_lines([nih, pneumonia], {("pneumonia-resnet", "Pneumonia"): COLOURS[0], ("nih-densenet", "Hernia"): COLOURS[1]})
+    swatches = {line.cells[0]: line.swatch for line in lines if line.swatch}
+    assert swatches == {"Pneumonia": COLOURS[0], "Hernia": COLOURS[1]}
+    # the legend swatch colour is the colour blended onto the image: same hue as the hot spot
+    assert np.argmax(a) == np.argmax(COLOURS[0]) and np.argmax(b) == np.argmax(COLOURS[1])
+
+
+def _shifted_blob(rows: int, cols: int, cx: float) -> np.ndarray:
+    y, x = np.mgrid[0:rows, 0:cols]
+    return np.exp(-(((x / cols - cx) ** 2 + (y / rows - 0.5) ** 2) / 0.005)).astype(np.float32)
 
 
 def test_sc_rejects_heatmap_of_other_geometry(pneumonia: Prediction) -> None:
@@ -226,21 +317,28 @@ def test_sc_rejects_heatmap_of_other_geometry(pneumonia: Prediction) -> None:
         render(_display(300, 300), [pneumonia], [_blob(200, 300)], 256)
 
 
-def test_findings_text_lists_positives(nih: Prediction, pneumonia: Prediction) -> None:
+def test_findings_text_lists_every_result(nih: Prediction, pneumonia: Prediction) -> None:
     lines = findings_text([nih, pneumonia])
-    assert lines[0] == "nih-densenet 1.2"
-    assert "pneumonia-resnet 2.0" in lines
-    positives = [t for t, pos in zip(nih.targets, nih.positive) if pos]
-    for target in positives:
-        assert any(target.replace("_", " ") in line for line in lines), target
-    assert "  Pneumonia: 0.83 (threshold 0.60)" in lines
-    assert "No finding above threshold" not in lines
+    assert "nih-densenet 1.2" in lines and "pneumonia-resnet 2.0" in lines
+    for target, prob, pos in zip(nih.targets, nih.probabilities, nih.positive):
+        expected = f"{label(target)}  {prob:.2f}  0.50  {'POSITIVE' if pos else 'negative'}"
+        assert expected in lines, expected
+    assert "Pneumonia  0.83  0.60  POSITIVE" in lines
 
 
-def test_findings_text_says_when_nothing_is_positive() -> None:
+def test_findings_text_shows_a_negative_binary_result() -> None:
     negative = Prediction("pneumonia-resnet", "2.0", BINARY_TARGETS, (0.1,), (0.6,))
-    assert findings_text([negative]) == ["pneumonia-resnet 2.0", "No finding above threshold"]
-    assert render(_display(200, 200), [negative], [], 200).shape == (200, 200, 3)
+    assert findings_text([negative])[1:] == ["pneumonia-resnet 2.0", "Pneumonia  0.10  0.60  negative"]
+    assert render(_display(200, 200), [negative], [], 200).shape[0] > 200
+
+
+def test_disagreement_on_pneumonia_is_stated(nih: Prediction, pneumonia: Prediction) -> None:
+    (sentence,) = disagreements([nih, pneumonia])  # NIH Pneumonia 0.43 < 0.5, binary 0.83 >= 0.6
+    assert sentence.startswith("The models disagree on Pneumonia:")
+    assert "pneumonia-resnet@2.0 0.83 (present" in sentence and "nih-densenet@1.2 0.43 (absent" in sentence
+    agreeing = Prediction("pneumonia-resnet", "2.0", BINARY_TARGETS, (0.1,), (0.6,))
+    assert disagreements([nih, agreeing]) == []
+    assert any("disagree" in line for line in findings_text([nih, pneumonia]))
 
 
 # --- Structured Report -----------------------------------------------------------------------------------------
@@ -258,11 +356,12 @@ def test_sr_round_trip(source: pydicom.Dataset, predictions: tuple[Prediction, .
     assert sr.SeriesDescription == SERIES_DESCRIPTION
     assert sr.Manufacturer == "xraybatch"
     assert f"xraybatch {__version__}" in sr.SoftwareVersions
-    assert [s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence] == [PRIVATE_SCHEME]
-    evidence = (
-        sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
-    )
-    assert evidence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert (scheme.CodingSchemeDesignator, scheme.CodingSchemeUID) == (PRIVATE_SCHEME, PRIVATE_SCHEME_UID)
+    assert scheme.CodingSchemeName and scheme.CodingSchemeResponsibleOrganization
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    assert sr.InstanceNumber == instance_number(source, "sr")
+    assert sr.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
 
     groups = sr.content.get_image_measurement_groups()
     expected = [
@@ -270,11 +369,16 @@ def test_sr_round_trip(source: pydicom.Dataset, predictions: tuple[Prediction, .
     ]
     assert len(groups) == len(expected) == len(NIH_TARGETS) + 1
     for group, (prediction, target, probability, positive) in zip(groups, expected):
+        if target == NO_FINDING:
+            assert group.finding_type is None, "No Finding is a statement, not a finding"
+            statements = group.get_qualitative_evaluations(name=codes.DCM.Impression)
+            assert [e.value for e in statements] == ([codes.DCM.NoAbnormality] if positive else [])
+            continue
         code = TARGET_CODES[target]
         assert (group.finding_type.value, group.finding_type.scheme_designator) == (code.value, code.scheme)
         assert group.tracking_identifier == f"{prediction.model_name}@{prediction.model_version}/{target}"
         (measurement,) = group.get_measurements(name=codes.DCM.Probability)
-        assert measurement.value == pytest.approx(probability)
+        assert measurement.value == pytest.approx(probability, abs=5e-5)
         assert measurement.unit == codes.UCUM.NoUnits
         (threshold,) = group.get_measurements(name=codes.DCM.ThresholdValue)
         assert threshold.value == pytest.approx(prediction.thresholds[0])
@@ -284,9 +388,24 @@ def test_sr_round_trip(source: pydicom.Dataset, predictions: tuple[Prediction, .
         assert image.referenced_sop_instance_uid == source.SOPInstanceUID
     # the probability equal to its threshold counts as present
     present = [
-        g for g in groups if g.get_qualitative_evaluations(name=g.finding_type)[0].value == codes.SCT.Present
+        g
+        for g in groups
+        if g.finding_type is not None
+        and g.get_qualitative_evaluations(name=g.finding_type)[0].value == codes.SCT.Present
     ]
-    assert len(present) == sum(predictions[0].positive) + 1
+    assert len(present) == sum(predictions[0].positive) - predictions[0].positive[-1] + 1
+    comments = [i.TextValue for i in _qualitative_container(sr).ContentSequence]
+    assert comments[0].startswith("AI generated - not for diagnostic use")
+    assert any(c.startswith("The models disagree on Pneumonia") for c in comments)
+
+
+def _qualitative_container(sr: pydicom.Dataset) -> pydicom.Dataset:
+    (container,) = [
+        item
+        for item in sr.ContentSequence
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+    ]
+    return container
 
 
 def test_sr_tracking_uids_unique(source: pydicom.Dataset, predictions: tuple[Prediction, ...]) -> None:
@@ -298,7 +417,8 @@ def test_sr_tracking_uids_unique(source: pydicom.Dataset, predictions: tuple[Pre
 
 def test_sr_names_algorithm_per_group(source: pydicom.Dataset, pneumonia: Prediction) -> None:
     sr = build_sr(source, [pneumonia], OutputConfig())
-    group = sr.ContentSequence[-1].ContentSequence[0]
+    (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"]
+    group = measurements.ContentSequence[0]
     texts = {
         item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
         for item in group.ContentSequence
@@ -367,7 +487,9 @@ def test_output_flags(
 ) -> None:
     cfg = OutputConfig(secondary_capture=sc_on, structured_report=sr_on, sc_max_size=256)
     records = _write(source, (pneumonia,), tmp_path, cfg)
-    assert set(records) == {k for k, on in (("sc", sc_on), ("sr", sr_on)) if on}
+    assert set(records) == {k for k, on in (("sc", sc_on), ("pm", True), ("sr", sr_on)) if on}
+    no_maps = _write(source, (pneumonia,), tmp_path / "no-maps", dataclasses.replace(cfg, parametric_map=False))
+    assert "pm" not in no_maps
 
 
 # --- atomic write ----------------------------------------------------------------------------------------------
@@ -425,6 +547,7 @@ def test_dciodvfy_reports_no_errors(
 ) -> None:
     src = pydicom.dcmread(make_source(tmp_path), stop_before_pixels=True)
     records = _write(src, predictions, tmp_path / "outbox")
-    assert set(records) == {"sc", "sr"}
+    assert set(records) == {"sc", "pm", "sr"}
     for record in records.values():
         assert _dciodvfy_errors(record.path) == [], record.kind
+        assert _dciodvfy_warnings_of_ours(record.path, src) == [], record.kind

@@ -1,7 +1,12 @@
-"""The Secondary Capture: the radiograph with the Grad-CAM heat maps, a findings box and a warning banner.
+"""The Secondary Capture: the whole radiograph, the heat map of each explained finding in its own colour, and
+every model's result in a side panel.
 
-The image is 8-bit RGB with its longest side at ``[output] sc_max_size``. The banner "AI GENERATED - NOT FOR
-DIAGNOSTIC USE" is burned in across the top, so Burned In Annotation is ``YES``.
+Nothing is drawn over the anatomy except the heat: the banner "AI GENERATED - NOT FOR DIAGNOSTIC USE" runs in a
+band added above the image, and the findings panel (each model, each target with probability, threshold and
+result, negatives included; a colour swatch for each explained finding) stands to the right of it. Each heat map
+fades in smoothly above :data:`HEAT_LOW` and is outlined at :data:`HEAT_CONTOUR`, in its finding's colour. The
+image part is ``[output] sc_max_size`` on its longest side. Burned In Annotation is ``YES``; Conversion Type is
+WSD. The pixels are encoded as ``[output] sc_encoding`` (JPEG baseline by default; docs/outputs.md compares).
 """
 
 from __future__ import annotations
@@ -14,28 +19,54 @@ import highdicom as hd
 import numpy as np
 from highdicom.enum import PatientOrientationValuesBiped
 from pydicom import Dataset
+from pydicom.uid import UID, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from xraybatch.domain import DisplayImage, Heatmap, Prediction
+from xraybatch.models.findings import label
 from xraybatch.settings import OutputConfig
 from xraybatch.writeback.common import (
     BANNER,
     MANUFACTURER,
     SERIES_DESCRIPTION,
     contributing_equipment,
+    copy_series_context,
+    instance_number,
+    keep_identity,
     model_set,
     output_uids,
+    set_equipment,
     software_versions,
     usable_source,
 )
+from xraybatch.writeback.sr import disagreements
 
 logger = logging.getLogger(__name__)
 
 SERIES_NUMBER = 9901
-HEAT_MIN = 0.2  # heat below this is not drawn
-HEAT_ALPHA = 0.35  # opacity of the heat colours
+HEAT_LOW = 0.3  # heat fades in from here ...
+HEAT_HIGH = 0.8  # ... to full opacity here
+HEAT_ALPHA = 0.5  # opacity of the heat colour at full heat
+HEAT_CONTOUR = 0.6  # each heat map is outlined at this level
+# Okabe-Ito colours: told apart by colour-blind readers and distinct from the grey image
+COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 159, 0),  # orange
+    (86, 180, 233),  # sky blue
+    (204, 121, 167),  # reddish purple
+    (0, 158, 115),  # bluish green
+    (213, 94, 0),  # vermillion
+    (240, 228, 66),  # yellow
+)
+ENCODINGS: dict[str, UID | None] = {
+    "jpeg": JPEGBaseline8Bit,
+    "jpeg-ls": JPEGLSLossless,
+    "rle": RLELossless,
+    "none": None,
+}
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _YELLOW = (255, 220, 0)
 _WHITE = (255, 255, 255)
+_GREY = (165, 165, 165)
+_PANEL = (24, 24, 24)
 
 
 def build_sc(
@@ -56,9 +87,9 @@ def build_sc(
     predictions
         One prediction per model.
     heatmaps
-        Heat maps of the positive findings, at the source geometry; may be empty.
+        Heat maps of the explained findings, at the source geometry; may be empty.
     cfg
-        The output settings (``sc_max_size``, ``institution``).
+        The output settings (``sc_max_size``, ``sc_encoding``, ``institution``, ``uid_root``).
 
     Returns
     -------
@@ -70,64 +101,78 @@ def build_sc(
     ValueError
         A heat map does not have the display image's shape.
     """
+    original = source
     source = usable_source(source)
-    uids = output_uids(source, "sc", predictions)
+    uids = output_uids(source, "sc", predictions, cfg.uid_root)
     pixels = render(display, predictions, heatmaps, cfg.sc_max_size)
     orientation = _orientation(source)
+    syntax = ENCODINGS[cfg.sc_encoding]
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
-        photometric_interpretation="RGB",
+        photometric_interpretation="YBR_FULL_422" if syntax == JPEGBaseline8Bit else "RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=uids.series_instance_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
+        instance_number=instance_number(source, "sc"),
         manufacturer=MANUFACTURER,
-        # resizing and drawing keep the directions; highdicom insists on a value, emptied below if unknown
+        # margins and resizing keep the directions; highdicom insists on a value, emptied below if unknown
         patient_orientation=orientation or ("L", "F"),
-        contributing_equipment=contributing_equipment(source, predictions, cfg.institution),
+        contributing_equipment=contributing_equipment(source, predictions, cfg.institution, cfg.uid_root),
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=MANUFACTURER,
         software_versions=software_versions(predictions),
         institution_name=cfg.institution or source.get("InstitutionName") or None,
+        transfer_syntax_uid=syntax or "1.2.840.10008.1.2.1",
     )
     if orientation is None:
         sc.PatientOrientation = []  # General Image Type 2C: empty when unknown
-    # General Series Type 2C: dciodvfy reports an error for a CR/DX chest source until it is present
-    sc.Laterality = source.get("Laterality", "")
+    keep_identity(sc, original)
+    copy_series_context(sc, source)
+    for keyword in ("SeriesDate", "SeriesTime"):
+        if source.get(keyword):
+            setattr(sc, keyword, source.get(keyword))
+    sc.ConversionType = "WSD"  # workstation: a rendering of another image
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = f"Grad-CAM overlay by {model_set(predictions)}; {SERIES_DESCRIPTION}"
-    if source.get("LossyImageCompression") == "01":
+    if syntax == JPEGBaseline8Bit:
+        raw = pixels.size
+        sc.LossyImageCompression = "01"
+        sc.LossyImageCompressionMethod = "ISO_10918_1"
+        sc.LossyImageCompressionRatio = f"{raw / max(1, len(_frame_bytes(sc))):.2f}"[:16]
+    elif source.get("LossyImageCompression") == "01":
         sc.LossyImageCompression = "01"
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [ref]
+    set_equipment(sc, predictions, cfg.uid_root)
     return sc
 
 
 def render(
     display: DisplayImage, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap], max_size: int
 ) -> np.ndarray:
-    """Draw the Secondary Capture pixels: resized image, heat, banner and findings box.
+    """Draw the Secondary Capture pixels: banner band, image with heat, findings panel.
 
     Parameters
     ----------
     display
         The source image for display.
     predictions
-        One prediction per model; the positive findings are listed.
+        One prediction per model; all their results are listed.
     heatmaps
-        Heat maps of the positive findings; their maximum is blended on.
+        Heat maps of the explained findings, drawn in :data:`COLOURS` order.
     max_size
-        Longest side of the result in pixels.
+        Longest side of the image part in pixels.
 
     Returns
     -------
     numpy.ndarray
-        uint8 RGB, shape (rows, columns, 3), longest side ``max_size``, aspect ratio kept.
+        uint8 RGB, shape (rows, columns, 3): the banner band on top, the image (longest side ``max_size``,
+        aspect ratio kept) below it on the left, the panel on its right.
 
     Raises
     ------
@@ -135,43 +180,88 @@ def render(
         A heat map does not have the display image's shape.
     """
     rows, cols = display.pixels.shape
+    for h in heatmaps:
+        if h.values.shape != (rows, cols):
+            raise ValueError(
+                f"heat map {h.model_name}/{h.target} has shape {h.values.shape}, expected {(rows, cols)}"
+            )
     scale = max_size / max(rows, cols)
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))  # cv2 wants (width, height)
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     gray = cv2.resize(display.pixels, size, interpolation=interpolation)
     gray8 = (np.clip(gray, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     image = cv2.cvtColor(gray8, cv2.COLOR_GRAY2RGB)
-    if heatmaps:
-        _blend_heat(image, heatmaps, display.pixels.shape, size)
-    _draw_banner(image)
-    _draw_findings(image, findings_text(predictions))
-    return image
+    colours = {(h.model_name, h.target): COLOURS[i % len(COLOURS)] for i, h in enumerate(heatmaps)}
+    for h in heatmaps:
+        _blend_heat(image, h, size, colours[(h.model_name, h.target)])
+    lines = panel_lines(predictions, colours)
+    unit = max(14, round(0.03 * max(size)))  # line height of the panel text
+    unit = min(unit, max(14, size[1] // (len(lines) + 2)))
+    panel = _panel(lines, unit, size[1])
+    body = np.concatenate([image, panel], axis=1)
+    return np.concatenate([_banner(body.shape[1], unit), body], axis=0)
 
 
-def findings_text(predictions: Sequence[Prediction]) -> list[str]:
-    """The lines of the findings box: each model, then its positive findings with probability and threshold.
+class PanelLine:
+    """One line of the findings panel."""
+
+    def __init__(
+        self,
+        cells: Sequence[str],
+        colour: tuple[int, int, int] = _GREY,
+        swatch: tuple[int, int, int] | None = None,
+    ) -> None:
+        self.cells = tuple(cells)
+        self.colour = colour
+        self.swatch = swatch
+
+
+def panel_lines(
+    predictions: Sequence[Prediction], colours: dict[tuple[str, str], tuple[int, int, int]] | None = None
+) -> list[PanelLine]:
+    """The panel: per model a heading and one line per target (finding, probability, threshold, result).
 
     Parameters
     ----------
     predictions
-        One prediction per model.
+        One prediction per model; every target is listed, negative ones included.
+    colours
+        The overlay colour of each explained (model, target); they get a swatch.
 
     Returns
     -------
-    list of str
-        Ends with "No finding above threshold" when no model has a positive finding.
+    list of PanelLine
+        Positive results in white, negative ones in grey; a disagreement between models ends the list.
     """
-    lines = []
+    colours = colours or {}
+    lines = [PanelLine(["Finding", "p", "thr", "result"], _WHITE)]
     for p in predictions:
-        lines.append(f"{p.model_name} {p.model_version}")
-        lines += [
-            f"  {target.replace('_', ' ')}: {prob:.2f} (threshold {thr:.2f})"
-            for target, prob, thr, pos in zip(p.targets, p.probabilities, p.thresholds, p.positive)
-            if pos
-        ]
-    if not any(any(p.positive) for p in predictions):
-        lines.append("No finding above threshold")
+        lines.append(PanelLine([f"{p.model_name} {p.model_version}"], _YELLOW))
+        for target, prob, thr, pos in zip(p.targets, p.probabilities, p.thresholds, p.positive):
+            lines.append(
+                PanelLine(
+                    [label(target), f"{prob:.2f}", f"{thr:.2f}", "POSITIVE" if pos else "negative"],
+                    _WHITE if pos else _GREY,
+                    colours.get((p.model_name, target)),
+                )
+            )
+    for sentence in disagreements(predictions):
+        lines.append(PanelLine([sentence.split(":")[0] + "!"], COLOURS[4]))
+    if colours:
+        lines.append(PanelLine([f"Outlined: the {len(colours)} most probable positive findings"], _GREY))
+        lines.append(PanelLine(["(Grad-CAM: where the model looked)"], _GREY))
     return lines
+
+
+def findings_text(predictions: Sequence[Prediction]) -> list[str]:
+    """The panel as plain text lines (for logs and tests)."""
+    return ["  ".join(line.cells) for line in panel_lines(predictions)]
+
+
+def _frame_bytes(sc: Dataset) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    return b"".join(generate_frames(sc.PixelData, number_of_frames=1))
 
 
 def _orientation(source: Dataset) -> tuple[str, str] | None:
@@ -183,58 +273,76 @@ def _orientation(source: Dataset) -> tuple[str, str] | None:
     return values[0], values[1]
 
 
-def _blend_heat(
-    image: np.ndarray,
-    heatmaps: Sequence[Heatmap],
-    shape: tuple[int, ...],
-    size: tuple[int, int],
-) -> None:
-    for h in heatmaps:
-        if h.values.shape != shape:
-            raise ValueError(
-                f"heat map {h.model_name}/{h.target} has shape {h.values.shape}, expected {shape}"
-            )
-    # heat maps are smooth, so bilinear resampling is enough (and 5x faster than INTER_AREA)
-    heat = np.max([cv2.resize(h.values, size, interpolation=cv2.INTER_LINEAR) for h in heatmaps], axis=0)
-    heat8 = (np.clip(heat, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    colour = cv2.cvtColor(cv2.applyColorMap(heat8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    blended = cv2.addWeighted(image, 1.0 - HEAT_ALPHA, colour, HEAT_ALPHA, 0.0)
-    np.copyto(image, blended, where=(heat > HEAT_MIN)[..., None])
+def _blend_heat(image: np.ndarray, heatmap: Heatmap, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
+    """Blend one heat map in ``colour``: opacity rises smoothly from HEAT_LOW to HEAT_HIGH; a contour line."""
+    # heat maps are smooth, so bilinear resampling is enough (and 5x faster than INTER_AREA); Grad-CAM comes
+    # from a grid of a few dozen cells, whose corners a blur rounds off so that the outline follows the heat
+    heat = cv2.resize(heatmap.values, size, interpolation=cv2.INTER_LINEAR)
+    heat = cv2.GaussianBlur(heat, (0, 0), max(size) / 60)
+    t = np.clip((heat - HEAT_LOW) / (HEAT_HIGH - HEAT_LOW), 0.0, 1.0)
+    alpha = (t * t * (3.0 - 2.0 * t) * HEAT_ALPHA)[..., None]  # smoothstep: no hard edge
+    blended = image * (1.0 - alpha) + np.asarray(colour, np.float32) * alpha
+    np.copyto(image, (blended + 0.5).astype(np.uint8))
+    mask = (heat >= HEAT_CONTOUR).astype(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    # specks (under 0.2 % of the image) would read as small lesions: the soft fill shows them, no outline
+    contours = [c for c in contours if cv2.contourArea(c) >= 0.002 * size[0] * size[1]]
+    cv2.drawContours(image, contours, -1, colour, max(1, round(max(size) / 400)), cv2.LINE_AA)
 
 
-def _fit_scale(text: str, width: int, height: int) -> float:
-    """The font scale at which ``text`` fits in ``width`` x ``height`` pixels."""
-    (w, h), base = cv2.getTextSize(text, _FONT, 1.0, 1)
-    return min(width / w, height / (h + base))
+def _scale_for(height: int) -> float:
+    """The font scale whose capital letters are about 60 % of ``height``."""
+    (_, h), _ = cv2.getTextSize("X", _FONT, 1.0, 1)
+    return 0.6 * height / h
 
 
 def _put(
     image: np.ndarray, text: str, org: tuple[int, int], scale: float, colour: tuple[int, int, int]
 ) -> None:
-    cv2.putText(image, text, org, _FONT, scale, colour, max(1, round(scale * 1.5)), cv2.LINE_AA)
+    cv2.putText(image, text, org, _FONT, scale, colour, max(1, round(scale * 1.6)), cv2.LINE_AA)
 
 
-def _draw_banner(image: np.ndarray) -> None:
-    rows, cols = image.shape[:2]
-    height = max(12, round(0.045 * max(rows, cols)))
-    image[:height] = (image[:height] * 0.15).astype(np.uint8)  # dark band, image faintly visible
-    scale = _fit_scale(BANNER, int(cols * 0.94), int(height * 0.75))
-    (w, h), _ = cv2.getTextSize(BANNER, _FONT, scale, 1)
-    _put(image, BANNER, ((cols - w) // 2, (height + h) // 2), scale, _YELLOW)
+def _width(text: str, scale: float) -> int:
+    return cv2.getTextSize(text, _FONT, scale, max(1, round(scale * 1.6)))[0][0]
 
 
-def _draw_findings(image: np.ndarray, lines: Sequence[str]) -> None:
-    """A dark box at the bottom left listing ``lines``, sized to the image."""
-    rows, cols = image.shape[:2]
-    line_height = max(10, round(0.028 * max(rows, cols)))
-    line_height = min(line_height, int(rows * 0.8) // len(lines))
-    longest = max(lines, key=len)
-    scale = _fit_scale(longest, int(cols * 0.9), int(line_height * 0.8))
-    width = cv2.getTextSize(longest, _FONT, scale, 1)[0][0] + line_height
-    height = line_height * len(lines) + line_height // 2
-    top = rows - height - line_height // 2
-    left = line_height // 2
-    box = image[top : top + height, left : left + width]
-    box[:] = (box * 0.25).astype(np.uint8)
-    for i, text in enumerate(lines):
-        _put(image, text, (left + line_height // 2, top + (i + 1) * line_height), scale, _WHITE)
+def _panel(lines: Sequence[PanelLine], unit: int, height: int) -> np.ndarray:
+    """The findings panel, ``height`` rows tall, as wide as its text needs."""
+    scale = _scale_for(unit)
+    pad = unit // 2
+    swatch = unit
+    table = [line for line in lines if len(line.cells) == 4]
+    col_widths = [max(_width(line.cells[c], scale) for line in table) for c in range(4)] if table else [0] * 4
+    gap = unit
+    x = [pad + swatch + pad]
+    for w in col_widths[:3]:
+        x.append(x[-1] + w + gap)
+    table_width = x[3] + col_widths[3]
+    wide = max((_width(line.cells[0], scale) for line in lines if len(line.cells) == 1), default=0)
+    width = max(table_width, pad + wide) + pad
+    panel = np.empty((height, width, 3), np.uint8)
+    panel[:] = _PANEL
+    for i, line in enumerate(lines):
+        baseline = pad + (i + 1) * unit - unit // 4
+        if baseline > height - pad:
+            break
+        if line.swatch is not None:
+            top = baseline - round(unit * 0.7)
+            cv2.rectangle(panel, (pad, top), (pad + swatch - 2, top + round(unit * 0.7)), line.swatch, -1)
+        if len(line.cells) == 1:
+            _put(panel, line.cells[0], (pad, baseline), scale, line.colour)
+        else:
+            for c, text in enumerate(line.cells):
+                _put(panel, text, (x[c], baseline), scale, line.colour)
+    return panel
+
+
+def _banner(width: int, unit: int) -> np.ndarray:
+    """A black band with the yellow warning, ``width`` wide."""
+    height = round(unit * 1.6)
+    band = np.zeros((height, width, 3), np.uint8)
+    scale = min(_scale_for(round(unit * 1.2)), 0.94 * width / max(1, _width(BANNER, 1.0)))
+    w = _width(BANNER, scale)
+    (_, h), _ = cv2.getTextSize(BANNER, _FONT, scale, 1)
+    _put(band, BANNER, ((width - w) // 2, (height + h) // 2), scale, _YELLOW)
+    return band

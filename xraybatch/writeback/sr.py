@@ -1,11 +1,18 @@
 """The Structured Report: a TID 1500 Measurement Report with one image-level group per model and target.
 
-Each group (TID 1501) carries the finding as its Finding Type, the model as Algorithm Identification, the source
-image, the probability and the operating threshold (DCM 122157 "Probability" and DCM 122411 "Threshold
-Value", UCUM "1"), and a qualitative evaluation: SCT "Present" when the probability is at or above the
-threshold, else SCT "Absent". The procedure reported is SCT 413815006 "Chest imaging (procedure)" with SCT
-168537006 "Plain radiography". Findings without a SNOMED CT concept use the private scheme ``99XRAYBATCH``,
-declared in the Coding Scheme Identification Sequence.
+Each group (TID 1501) carries the finding as its Finding Type, the model that produced it as Algorithm
+Identification, the source image, the probability and the operating threshold (``codes.DCM.Probability``
+and ``codes.DCM.ThresholdValue``, UCUM "1"), and a qualitative
+evaluation: SCT "Present" when the probability is at or above the threshold, else SCT "Absent". The NIH model's
+"No Finding" output is not a finding: its group has no Finding Type and states "Impression = No abnormality"
+(DCM 121073 = DCM 111286) only when the probability reaches the threshold.
+
+The report is COMPLETE and UNVERIFIED. Its Qualitative Evaluations container (TID 1500 row 12) says, as TEXT
+items, that it is AI generated and not for diagnostic use, and, when the binary model and the NIH model disagree
+on Pneumonia, that they disagree. The Image Library (TID 1600) and the evidence list the source image, the
+Secondary Capture and the parametric maps made with it. The procedure reported is SCT "Chest imaging" with SCT
+"Plain radiography". Findings without a standard concept use the private scheme ``99XRAYBATCH``, declared in
+the Coding Scheme Identification Sequence.
 """
 
 from __future__ import annotations
@@ -17,17 +24,34 @@ import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from xraybatch.domain import Prediction
-from xraybatch.models.findings import PRIVATE_SCHEME, PRIVATE_SCHEME_NAME, TARGET_CODES
+from xraybatch.models.findings import (
+    IMPRESSION,
+    NO_ABNORMALITY,
+    NO_FINDING,
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_NAME,
+    PRIVATE_SCHEME_ORGANIZATION,
+    PRIVATE_SCHEME_UID,
+    TARGET_CODES,
+    label,
+)
 from xraybatch.settings import OutputConfig
 from xraybatch.writeback.common import (
+    DISCLAIMER,
     MANUFACTURER,
     SERIES_DESCRIPTION,
     contributing_equipment,
+    copy_series_context,
+    derive_uid,
+    device_serial_number,
+    device_uid,
+    instance_number,
+    keep_identity,
     model_set,
     output_uids,
+    set_equipment,
     software_versions,
     usable_source,
 )
@@ -35,10 +59,18 @@ from xraybatch.writeback.common import (
 logger = logging.getLogger(__name__)
 
 SERIES_NUMBER = 9902
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
 PROCEDURE_REPORTED = (codes.SCT.ChestImaging, codes.SCT.PlainRadiography)
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT = codes.DCM.Comment  # DCM 121106
 
 
-def build_sr(source: Dataset, predictions: Sequence[Prediction], cfg: OutputConfig) -> Dataset:
+def build_sr(
+    source: Dataset,
+    predictions: Sequence[Prediction],
+    cfg: OutputConfig,
+    references: Sequence[Dataset] = (),
+) -> Dataset:
     """Build the Comprehensive 3D SR (PS3.3 A.35.13) holding a TID 1500 Measurement Report.
 
     Parameters
@@ -48,7 +80,10 @@ def build_sr(source: Dataset, predictions: Sequence[Prediction], cfg: OutputConf
     predictions
         One prediction per model; every target becomes one measurement group.
     cfg
-        The output settings (``institution``).
+        The output settings (``institution``, ``uid_root``).
+    references
+        The Secondary Capture and parametric maps made from ``source``: listed in the Image Library and
+        the evidence.
 
     Returns
     -------
@@ -60,18 +95,20 @@ def build_sr(source: Dataset, predictions: Sequence[Prediction], cfg: OutputConf
     ValueError
         A target has no entry in ``TARGET_CODES``.
     """
+    original = source
     source = usable_source(source)
-    uids = output_uids(source, "sr", predictions)
+    uids = output_uids(source, "sr", predictions, cfg.uid_root)
     groups = [
-        _group(source, p, target, prob, thr, positive)
+        _group(source, p, target, prob, thr, positive, cfg.uid_root)
         for p in predictions
         for target, prob, thr, positive in zip(p.targets, p.probabilities, p.thresholds, p.positive)
     ]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=[MANUFACTURER, model_set(predictions)]),
+        uid=device_uid(predictions, cfg.uid_root),
         name=MANUFACTURER,
         manufacturer_name=MANUFACTURER,
         model_name=model_set(predictions)[:64],
+        serial_number=device_serial_number(predictions),
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -79,28 +116,74 @@ def build_sr(source: Dataset, predictions: Sequence[Prediction], cfg: OutputConf
         ),
         procedure_reported=list(PROCEDURE_REPORTED),
         imaging_measurements=groups,
+        # highdicom describes image SOP classes it knows; a Parametric Map is listed in the evidence only
+        referenced_images=[*_library_entry(source), *(r for r in references if r.SOPClassUID != PM_CLASS)]
+        or None,
     )
+    report[0].ContentSequence.append(_statements(predictions))
     used_schemes = {TARGET_CODES[t].scheme for p in predictions for t in p.targets}
-    schemes = [
-        CodingSchemeIdentificationItem(
-            designator=PRIVATE_SCHEME, name=PRIVATE_SCHEME_NAME, responsible_organization=MANUFACTURER
-        )
-    ]
-    return hd.sr.Comprehensive3DSR(
-        evidence=[source],
+    scheme = CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME, name=PRIVATE_SCHEME_NAME, responsible_organization=PRIVATE_SCHEME_ORGANIZATION
+    )
+    scheme.CodingSchemeUID = PRIVATE_SCHEME_UID  # highdicom sets the UID of registered schemes only
+    schemes = [scheme]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source, *references],
         content=report,
         series_instance_uid=uids.series_instance_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
+        instance_number=instance_number(source, "sr"),
         manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_verified=False,
+        is_final=True,
         institution_name=cfg.institution or source.get("InstitutionName") or None,
-        contributing_equipment=contributing_equipment(source, predictions, cfg.institution),
+        contributing_equipment=contributing_equipment(source, predictions, cfg.institution, cfg.uid_root),
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=MANUFACTURER,
         software_versions=software_versions(predictions),
         coding_schemes=schemes if PRIVATE_SCHEME in used_schemes else None,
     )
+    keep_identity(sr, original)
+    copy_series_context(sr, source)
+    if "Laterality" in sr:  # the SR Document Series has no Laterality
+        del sr.Laterality
+    if "BodyPartExamined" in sr:
+        del sr.BodyPartExamined
+    set_equipment(sr, predictions, cfg.uid_root)
+    return sr
+
+
+def disagreements(predictions: Sequence[Prediction]) -> list[str]:
+    """Sentences for the findings that two models both report with opposite results.
+
+    Parameters
+    ----------
+    predictions
+        One prediction per model.
+
+    Returns
+    -------
+    list of str
+        For example ``"The models disagree on Pneumonia: pneumonia@2.0 0.83 (present, threshold 0.60),
+        nih@1.2 0.12 (absent, threshold 0.50)"``; empty when they agree.
+    """
+    by_target: dict[str, list[tuple[Prediction, int]]] = {}
+    for p in predictions:
+        for i, target in enumerate(p.targets):
+            if target != NO_FINDING:
+                by_target.setdefault(target, []).append((p, i))
+    sentences = []
+    for target, results in by_target.items():
+        if len(results) > 1 and len({p.positive[i] for p, i in results}) > 1:
+            parts = [
+                f"{p.model_name}@{p.model_version} {p.probabilities[i]:.2f} "
+                f"({'present' if p.positive[i] else 'absent'}, threshold {p.thresholds[i]:.2f})"
+                for p, i in results
+            ]
+            sentences.append(f"The models disagree on {label(target)}: " + ", ".join(parts))
+    return sentences
 
 
 def finding_code(target: str) -> hd.sr.CodedConcept:
@@ -129,17 +212,52 @@ def finding_code(target: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
+def _statements(predictions: Sequence[Prediction]) -> hd.sr.ContainerContentItem:
+    """The Qualitative Evaluations container: the disclaimer and any disagreement, as TEXT comments."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = [  # type: ignore[assignment]
+        hd.sr.TextContentItem(
+            name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        for text in (
+            f"{DISCLAIMER}. Results of {model_set(predictions)}, not verified by a physician.",
+            *disagreements(predictions),
+        )
+    ]
+    return container
+
+
 def _group(
-    source: Dataset, prediction: Prediction, target: str, probability: float, threshold: float, positive: bool
+    source: Dataset,
+    prediction: Prediction,
+    target: str,
+    probability: float,
+    threshold: float,
+    positive: bool,
+    root: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """One TID 1501 group: finding, algorithm, source image, probability, threshold, present/absent."""
-    finding = finding_code(target)
+    code = finding_code(target)
     key = f"{prediction.model_name}@{prediction.model_version}/{target}"
+    if target == NO_FINDING:
+        finding_type = None
+        evaluations = (
+            [hd.sr.QualitativeEvaluation(name=_concept(IMPRESSION), value=_concept(NO_ABNORMALITY))]
+            if positive
+            else []
+        )
+    else:
+        finding_type = code
+        evaluations = [
+            hd.sr.QualitativeEvaluation(name=code, value=codes.SCT.Present if positive else codes.SCT.Absent)
+        ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(entropy_srcs=[str(source.SOPInstanceUID), key]), identifier=key
+            uid=derive_uid(root, "tracking", str(source.SOPInstanceUID), key), identifier=key
         ),
-        finding_type=finding,
+        finding_type=finding_type,
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=prediction.model_name,
             version=prediction.model_version,
@@ -147,12 +265,22 @@ def _group(
         ),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
         measurements=[
-            hd.sr.Measurement(name=codes.DCM.Probability, value=float(probability), unit=codes.UCUM.NoUnits),
-            hd.sr.Measurement(name=codes.DCM.ThresholdValue, value=float(threshold), unit=codes.UCUM.NoUnits),
+            hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(probability), 4), unit=codes.UCUM.NoUnits),
+            hd.sr.Measurement(name=codes.DCM.ThresholdValue, value=round(float(threshold), 4), unit=codes.UCUM.NoUnits),
         ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=finding, value=codes.SCT.Present if positive else codes.SCT.Absent
-            )
-        ],
+        qualitative_evaluations=evaluations or None,
     )
+
+
+def _library_entry(source: Dataset) -> list[Dataset]:
+    """The source as an Image Library entry when highdicom can describe it (TID 1603 needs both values of
+    Patient Orientation and Imager Pixel Spacing of a projection radiograph); every group references it anyway.
+    """
+    orientation = source.get("PatientOrientation") or ()
+    spacing = source.get("ImagerPixelSpacing") or ()
+    return [source] if len(orientation) == 2 and len(spacing) == 2 else []
+
+
+def _concept(code: object) -> hd.sr.CodedConcept:
+    value, scheme, meaning = (getattr(code, k) for k in ("value", "scheme", "meaning"))
+    return hd.sr.CodedConcept(value, scheme, meaning)
