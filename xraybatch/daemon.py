@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
+from xraybatch.delivery import DeliveryWorker
 from xraybatch.domain import Outcome, State, file_ref
 from xraybatch.errors import PersistError
 from xraybatch.files import fsync_dir
@@ -93,6 +94,7 @@ class Daemon:
         self._stopping = False  # a signal arrived (set in the handler; ``stop`` is set by another thread)
         self._exited = threading.Event()
         self.processor: Processor | None = None
+        self.delivery: DeliveryWorker | None = None  # delivery hook: the background delivery, if any
         self.metrics = WorkerMetrics(self.worker_id)
         self._fault: str | None = None  # the transient fault in progress, logged once
         self._db_fault = False  # the fault is the results DB: probe it before touching files again
@@ -124,6 +126,9 @@ class Daemon:
         if self.cfg.metrics_port:
             self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address)
         _warm_up()
+        from xraybatch.delivery import start_background  # delivery hook: a background thread, never waited on
+
+        self.delivery = start_background(self.processor.sessions, self.settings.delivery, self.metrics)
         logger.info("watching %s as %s", self.incoming, self.worker_id, extra=self._log)
         try:
             recovered = False
@@ -136,6 +141,8 @@ class Daemon:
                     self.step(watcher)
                     self.stop.wait(self.cfg.poll_seconds)
         finally:
+            if self.delivery is not None:  # delivery hook: stop the background delivery
+                self.delivery.stop(self.cfg.grace_seconds)
             self.processor.close()
             self.metrics.close()
             with self._transient("signing off"):
