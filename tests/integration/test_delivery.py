@@ -9,6 +9,7 @@ import csv
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -260,3 +261,53 @@ def test_background_delivery_logs_one_fault_episode_and_delivers_when_back(
     assert len(episodes) == 1, [r.getMessage() for r in caplog.records]
     assert any("works again" in r.getMessage() for r in caplog.records)
     assert {r.state for r in _deliveries(sessions)} == {"sent"}
+
+
+def test_end_to_end_receive_watch_send_turns_a_cstore_into_sr_and_sc_in_the_pacs(
+    tmp_path: Path, tiny_bundle: Path, ns: str
+) -> None:
+    """storescu -> xraybatch receive -> drop folder -> xraybatch watch --send -> Orthanc has the SR and the SC."""
+    from pydicom import dcmread
+
+    orthanc = pacs.Orthanc(ns, tmp_path / "orthanc").start()
+    incoming, work, port = tmp_path / "incoming", tmp_path / "work", pacs.free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XRAYBATCH_PIPELINE_DECODE_PROCESSES": "1",
+           "XRAYBATCH_WATCH_SETTLE_SECONDS": "0.3", "XRAYBATCH_WATCH_POLL_SECONDS": "0.2",
+           "XRAYBATCH_WATCH_BATCH_WAIT_SECONDS": "0.1", "XRAYBATCH_DELIVERY_POLL_SECONDS": "0.3",
+           "XRAYBATCH_RECEIVE_MIN_FREE_BYTES": "0"}
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "xraybatch", "-v", *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    receive = start("receive", str(incoming), "--port", str(port))
+    watch = start("watch", str(incoming), "--workdir", str(work), "--bundle", str(tiny_bundle),
+                  "--send", orthanc.dicom_url)
+    try:
+        pacs.wait_port(ns, port, proc=receive)  # type: ignore[arg-type]
+        # the first file is taken once watch has loaded its models; time the second, sent to a warm worker
+        latencies = []
+        for i in range(2):
+            source = write_dicom(tmp_path / "send" / f"cr{i}.dcm", seed=10 + i)
+            study = str(dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+            sent_at = time.monotonic()
+            store = subprocess.run(["ip", "netns", "exec", ns, pacs.dcmtk("storescu"), "-aec", "XRAYBATCH",
+                                    "127.0.0.1", str(port), str(source)], capture_output=True, text=True,
+                                   timeout=60, check=False)
+            assert store.returncode == 0, store.stdout + store.stderr
+            deadline = time.monotonic() + 240
+            found: set[str] = set()
+            while time.monotonic() < deadline and found != {"SR", "OT"}:
+                found = {tags["Modality"] for tags in orthanc.instances().values()
+                         if tags["StudyInstanceUID"] == study}
+                time.sleep(0.1)
+            latencies.append(time.monotonic() - sent_at)
+            assert found == {"SR", "OT"}, f"Orthanc has {found} in the source's study"
+        print(f"C-STORE into receive -> SR and SC in Orthanc: first {latencies[0]:.1f} s (models loading), "
+              f"then {latencies[1]:.1f} s")
+    finally:
+        for proc in (watch, receive):
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(60) for proc in (watch, receive)]
+        orthanc.stop()
+    assert codes == [0, 0], watch.stdout.read() if watch.stdout else ""  # type: ignore[union-attr]
