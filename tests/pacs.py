@@ -158,11 +158,13 @@ class Orthanc:
     """An Orthanc server with the DICOMweb plugin, in a network namespace, its storage and config in ``root``."""
 
     def __init__(self, ns: str, root: Path, *, aet: str = "ORTHANC", reject_modality: str = "",
-                 discard_modality: str = "", modalities: dict[str, list[Any]] | None = None) -> None:
+                 discard_modality: str = "", modalities: dict[str, list[Any]] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.ns, self.root, self.aet = ns, root, aet
         self.dicom_port, self.http_port = free_port(), free_port()
         self.reject_modality, self.discard_modality = reject_modality, discard_modality
         self.modalities = modalities or {}
+        self.extra_config = config or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -180,6 +182,8 @@ class Orthanc:
 
     def start(self) -> Orthanc:
         """Start (or restart, with the same storage and ports) the server and wait until it listens."""
+        if not Path(ORTHANC).exists() or not Path(DICOMWEB_PLUGIN).exists():
+            pytest.skip("Orthanc or its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
         self.starts += 1
         self.root.mkdir(parents=True, exist_ok=True)
         lua = self.root / "filter.lua"
@@ -193,7 +197,7 @@ class Orthanc:
             "LuaScripts": [str(lua)], "Plugins": [DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
             "StorageCommitmentReportsSize": 100, "HttpTimeout": 60, "ConcurrentJobs": 2,
-            "SaveJobs": False, "OverwriteInstances": False,
+            "SaveJobs": False, "OverwriteInstances": False, **self.extra_config,
         }
         (self.root / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.proc = subprocess.Popen(
