@@ -42,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
-from xraybatch.delivery import DeliveryWorker
+from xraybatch.delivery import DeliveryWorker, start_background
 from xraybatch.domain import Outcome, State, file_ref
 from xraybatch.errors import PersistError
 from xraybatch.files import fsync_dir
@@ -126,9 +126,8 @@ class Daemon:
         if self.cfg.metrics_port:
             self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address)
         _warm_up()
-        from xraybatch.delivery import start_background  # delivery hook: a background thread, never waited on
-
-        self.delivery = start_background(self.processor.sessions, self.settings.delivery, self.metrics)
+        self.delivery = start_background(  # delivery hook: a background thread, never waited on
+            self.processor.sessions, self.settings.delivery, self.metrics)
         logger.info("watching %s as %s", self.incoming, self.worker_id, extra=self._log)
         try:
             recovered = False

@@ -122,3 +122,19 @@ def test_outputs_export_without_destinations(sessions: sessionmaker[Session]) ->
     assert [(r["kind"], r["destination"], r["sent_state"], r["source_sop_instance_uid"]) for r in rows] == [
         ("sc", "", "not_sent", "1.2.3"), ("sr", "", "not_sent", "1.2.3"), ("sc", "", "not_sent", "1.2.3")
     ]
+
+
+def test_cli_deliver_needs_a_valid_destination(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from xraybatch.cli import main
+
+    runner = CliRunner()
+    none = runner.invoke(main, ["deliver", "--workdir", str(tmp_path), "--no-progress"], env={})
+    assert none.exit_code == 2 and "no destination" in none.output
+    bad = runner.invoke(main, ["deliver", "--workdir", str(tmp_path), "--send", "pacs:104"], env={})
+    assert bad.exit_code == 1 and "Error: destination 'pacs:104' is not one of the accepted forms" in bad.output
+    for command in ("deliver", "receive", "run-folder", "watch"):
+        helped = runner.invoke(main, [command, "--help"])
+        assert helped.exit_code == 0 and "Example:" in helped.output
+    assert "--send" in runner.invoke(main, ["run-folder", "--help"]).output
