@@ -83,6 +83,29 @@ def settings_options(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def send_option(func: F) -> F:
+    """--send DEST (repeatable): destinations added to ``[delivery] destinations`` for this command."""
+
+    @click.option("--send", "send", multiple=True, metavar="DEST",
+                  help="Deliver the outputs to DEST (repeatable): dicom://AE@HOST:PORT, dicoms://..., "
+                       "http(s)://HOST:PORT/PATH (DICOMweb). Adds to [delivery] destinations.")
+    @functools.wraps(func)
+    def wrapper(*args: Any, send: tuple[str, ...], settings: Settings, **kwargs: Any) -> Any:
+        if send:
+            import dataclasses
+
+            from xraybatch.delivery.destinations import parse_destination
+
+            _run(lambda: [parse_destination(d) for d in send])
+            merged = tuple(dict.fromkeys((*settings.delivery.destinations, *send)))
+            settings = dataclasses.replace(
+                settings, delivery=dataclasses.replace(settings.delivery, destinations=merged)
+            )
+        return func(*args, settings=settings, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _run(fn: Callable[[], Any]) -> Any:
     """Call ``fn``, turning XrayBatchError into a ClickException (``Error: ...``, exit 1)."""
     try:
@@ -135,6 +158,7 @@ def _daemon_logging(ctx: click.Context) -> None:
               help="Worker processes, each with its own models; 1 runs in this process.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @settings_options
+@send_option
 def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int | None, workers: int,
                    progress: bool, settings: Settings) -> None:
     """Process every file under INPUT once and print a summary.
@@ -143,11 +167,15 @@ def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int |
     outputs (a Secondary Capture and a Structured Report per processed image) go to WORKDIR/outbox/. The files
     go through the same queue in the results DB as `watch`: running the command again on the same folder
     resumes, processing only the files not yet final (after Ctrl-C, SIGTERM, a crash or SIGKILL). An
-    interrupted run exits with code 130 (SIGINT) or 143 (SIGTERM).
+    interrupted run exits with code 130 (SIGINT) or 143 (SIGTERM). With --send (or [delivery] destinations)
+    each new output is then tried once per destination; what could not be sent waits for `xraybatch deliver`,
+    and the exit code stays 0.
 
     Example:
 
         xraybatch run-folder ./archive --workdir ./xraybatch-data --workers 2
+
+        xraybatch run-folder ./archive --workdir ./xraybatch-data --send dicom://ORTHANC@pacs:4242
 
         xraybatch results export --workdir ./xraybatch-data --what predictions --format csv --out results.csv
     """
@@ -164,6 +192,7 @@ def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int |
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, bundles=tuple(map(str, bundles))))
     if batch_size:
         settings = dataclasses.replace(settings, pipeline=dataclasses.replace(settings.pipeline, batch_size=batch_size))
+    started = datetime.now(UTC)
     total = sum(1 for _ in pipeline.iter_files(input_dir, report=False))
     err_console = Console(stderr=True)
     with Progress(
@@ -190,12 +219,29 @@ def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int |
         f"throughput: {summary.files_per_second:.2f} files/s, {summary.done_per_second:.2f} processed images/s"
         f"\nresults: {_safe_url(settings.db_url)}\noutputs: {settings.outbox}"
     )
+    if settings.delivery.destinations and not summary.interrupted:  # one try per output and destination
+        from xraybatch.db import session as db_session
+
+        _deliver_once(db_session.make_sessionmaker(db_session.make_engine(settings.db_url)), settings, started)
     if summary.interrupted:
         click.echo(
             f"interrupted by {summary.interrupted}: {summary.left} files not processed yet; run the same command "
             "again to resume", err=True,
         )
         sys.exit(128 + int(getattr(signal, summary.interrupted)))
+
+
+def _deliver_once(sessions: Any, settings: Settings, since: datetime) -> None:
+    """run-folder's delivery: each new (or still pending) output tried once per destination, short timeout."""
+    from xraybatch.delivery import deliver_pending
+
+    cfg = settings.delivery
+    report = _run(lambda: deliver_pending(sessions, cfg.destinations, cfg, since=since,
+                                          connect_timeout=cfg.try_timeout))
+    click.echo(f"delivery: {report.sent} sent, {report.failed} refused by the PACS, "
+               f"{report.pending} outputs wait for delivery (xraybatch deliver)")
+    for dest, why in report.faults.items():
+        click.echo(f"  {dest}: {why}", err=True)
 
 
 def _safe_url(url: str) -> str:
@@ -225,6 +271,7 @@ def single_worker_argv(argv: list[str]) -> list[str]:
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model bundle directory (repeatable); default: the bundles shipped with xraybatch.")
 @settings_options
+@send_option
 @click.pass_context
 def watch_cmd(ctx: click.Context, incoming: Path, workers: int, bundles: tuple[Path, ...], settings: Settings) -> None:
     """Process every DICOM file dropped into INCOMING, once, until SIGTERM/SIGINT.
@@ -233,6 +280,8 @@ def watch_cmd(ctx: click.Context, incoming: Path, workers: int, bundles: tuple[P
     ignored until renamed). Processed inputs move to WORKDIR/archive/, others to WORKDIR/quarantine/ with a
     JSON file giving the reason; the drop folder ends empty. Several workers, on one or more hosts, may
     watch the same folder with one PostgreSQL database (--db). Use --log-format json for a log collector.
+    With --send (or [delivery] destinations) outputs are delivered in the background, retried with
+    backoff while a destination is down; processing never waits for it.
 
     Example:
 
@@ -265,25 +314,133 @@ def watch_cmd(ctx: click.Context, incoming: Path, workers: int, bundles: tuple[P
 @main.command("status")
 @settings_options
 def status_cmd(settings: Settings) -> None:
-    """Show the queue depth, counts per state, the oldest queued file and the workers alive.
+    """Show the queue depth, counts per state, the oldest queued file, the workers alive and the deliveries.
 
     Example:
 
         xraybatch status --db postgresql://db/xraybatch
     """
     from xraybatch.db import queue
+    from xraybatch.delivery import store as delivery_store
 
     def read() -> Any:
         with _open_session(settings) as s:
-            return queue.status(s, alive_within_seconds=3 * settings.watch.heartbeat_seconds)
+            return (queue.status(s, alive_within_seconds=3 * settings.watch.heartbeat_seconds),
+                    delivery_store.counts(s))
 
-    st = _run(read)
+    st, deliveries = _run(read)
     click.echo(f"queue depth: {st.counts.get('queued', 0)} queued, {st.counts.get('processing', 0)} processing")
     click.echo(f"oldest queued: {st.oldest_queued.isoformat() if st.oldest_queued else '-'}")
     click.echo("states: " + ", ".join(f"{k} {v}" for k, v in st.counts.items()))
     click.echo(f"workers alive: {len(st.workers_alive)}")
     for worker_id, last_seen in st.workers_alive:
         click.echo(f"  {worker_id} (last seen {last_seen.isoformat(timespec='seconds')})")
+    click.echo("deliveries:" + ("" if deliveries else " none"))  # delivery counts per destination
+    for dest, by_state in sorted(deliveries.items()):
+        click.echo(f"  {dest}: " + ", ".join(f"{k} {by_state.get(k, 0)}" for k in ("sent", "pending", "failed")))
+
+
+@main.command("deliver")
+@click.option("--retry-failed", is_flag=True, help="Also send again the outputs a PACS refused (state failed).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@settings_options
+@send_option
+def deliver_cmd(retry_failed: bool, progress: bool, settings: Settings) -> None:
+    """Send every output still pending to each destination, verified and exactly once.
+
+    Destinations come from --send (repeatable) and [delivery] destinations: dicom://CALLED_AE@HOST:PORT
+    (C-STORE), dicoms://... (C-STORE over TLS), http(s)://HOST:PORT/PATH (DICOMweb STOW-RS to PATH/studies).
+    An output already sent to a destination is never sent there again. Exit code 0 only when nothing is
+    left unsent (pending or refused) for these destinations.
+
+    Example:
+
+        xraybatch deliver --workdir ./xraybatch-data --send dicom://ORTHANC@pacs:4242
+
+        xraybatch deliver --db postgresql://db/xraybatch --send https://pacs/dicom-web --retry-failed
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from xraybatch.db import session
+    from xraybatch.delivery import deliver_pending
+    from xraybatch.delivery import store as delivery_store
+
+    cfg = settings.delivery
+    if not cfg.destinations:
+        raise click.UsageError("no destination: give --send DEST or set [delivery] destinations")
+    url = settings.db_url
+    if url.startswith("sqlite"):
+        settings.workdir.mkdir(parents=True, exist_ok=True)
+    if settings.db.auto_upgrade:
+        _run(lambda: session.upgrade(url))
+    sessions = session.make_sessionmaker(session.make_engine(url))
+
+    def queued() -> int:
+        with sessions() as s:
+            delivery_store.enqueue(s, cfg.destinations)
+            left = delivery_store.unsent(s, [str(d) for d in _run(lambda: _parsed(cfg.destinations))])
+        return left.get("pending", 0) + (left.get("failed", 0) if retry_failed else 0)
+
+    total = _run(queued)
+    with Progress(TextColumn("[bold]delivering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
+                  console=Console(stderr=True), disable=not progress, transient=True) as bar:
+        task = bar.add_task("deliver", total=total, last="")
+        report = _run(lambda: deliver_pending(
+            sessions, cfg.destinations, cfg, retry_failed=retry_failed,
+            on_result=lambda dest, r: bar.update(task, advance=1, last=r.state),
+        ))
+    click.echo(f"{report.sent} sent, {report.failed} refused, {report.warnings} with warnings in {report.seconds:.1f} s; "
+               f"left: {report.pending} pending, {report.failed_total} failed")
+    for dest, why in report.faults.items():
+        click.echo(f"  {dest}: {why}", err=True)
+    if report.unsent:
+        sys.exit(1)
+
+
+def _parsed(destinations: tuple[str, ...]) -> Any:
+    from xraybatch.delivery import parse_destinations
+
+    return parse_destinations(destinations)
+
+
+@main.command("receive")
+@click.argument("incoming", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--port", type=click.IntRange(1, 65535), help="TCP port (default: [receive] port, 11112).")
+@click.option("--ae-title", help="Our AE title, the called AE title senders use (default: [receive] ae_title, XRAYBATCH).")
+@settings_options
+def receive_cmd(incoming: Path, port: int | None, ae_title: str | None, settings: Settings) -> None:
+    """Receive DICOM objects by C-STORE into INCOMING, where `xraybatch watch` takes them; until SIGTERM/SIGINT.
+
+    Accepts CR and DX storage in the usual transfer syntaxes, and C-ECHO. Each object is written atomically
+    as INCOMING/<SOPInstanceUID>.dcm. Limits and back-pressure come from [receive]: max_associations,
+    timeouts, allowed_ae_titles, allowed_hosts, and min_free_bytes (below it C-STORE answers 0xA700 Out of
+    Resources). Binds 127.0.0.1 unless [receive] address says otherwise.
+
+    Example:
+
+        xraybatch receive /data/incoming --port 11112 --ae-title XRAYBATCH
+
+        xraybatch watch /data/incoming --workdir /var/lib/xraybatch --send dicom://ORTHANC@pacs:4242
+    """
+    import dataclasses
+
+    from xraybatch.errors import ConfigError
+    from xraybatch.receive import Receiver
+
+    cfg = settings.receive
+    if port is not None:
+        cfg = dataclasses.replace(cfg, port=port)
+    if ae_title is not None:
+        if not 1 <= len(ae_title) <= 16:
+            raise click.ClickException(str(ConfigError(f"--ae-title must be 1-16 characters, got {ae_title!r}")))
+        cfg = dataclasses.replace(cfg, ae_title=ae_title)
+    try:
+        receiver = Receiver(incoming, cfg)
+        code = receiver.serve()
+    except OSError as err:
+        raise click.ClickException(f"cannot listen on {cfg.address}:{cfg.port}: {err}") from err
+    sys.exit(code)
 
 
 @main.command("retry")
@@ -395,8 +552,9 @@ def _open_session(settings: Settings) -> Any:
 
 
 @results.command("export")
-@click.option("--what", type=click.Choice(["predictions", "instances"]), required=True,
-              help="predictions: one row per instance, model and target; instances: one row per input file.")
+@click.option("--what", type=click.Choice(["predictions", "instances", "outputs"]), required=True,
+              help="predictions: one row per instance, model and target; instances: one row per input file; "
+                   "outputs: one row per output and destination (delivery state).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), required=True, help="Output format.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: stdout).")
 @filter_options
@@ -409,6 +567,8 @@ def results_export(what: str, fmt: str, out: Path | None, settings: Settings, **
         xraybatch results export --workdir ./xraybatch-data --what predictions --format csv --out predictions.csv
 
         xraybatch results export --db postgresql://xraybatch@db/xraybatch --what instances --format json --state rejected
+
+        xraybatch results export --workdir ./xraybatch-data --what outputs --format csv
     """
     from xraybatch.db.export import write_export
 

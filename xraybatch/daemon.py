@@ -43,6 +43,7 @@ from pathlib import Path
 from types import FrameType
 
 from xraybatch.db.tables import WATCH_SOURCE
+from xraybatch.delivery import DeliveryWorker, start_background
 from xraybatch.domain import Outcome, State, file_ref
 from xraybatch.errors import InvalidInputError
 from xraybatch.loop import QueueWorker
@@ -65,6 +66,7 @@ class Daemon(QueueWorker):
         super().__init__(settings, str(self.incoming))
         self.migrate = migrate
         self._watcher: FolderWatcher | None = None
+        self.delivery: DeliveryWorker | None = None  # delivery hook: the background delivery, if any
         self._last_sweep = float("-inf")  # the first maintenance (at start-up) sweeps inflight/
         self._log = {"worker_id": self.worker_id, "stage": "watch"}
 
@@ -98,6 +100,8 @@ class Daemon(QueueWorker):
             self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address)
         logger.info("watching %s as %s (models %s, batch %d, lease %g s)", self.incoming, self.worker_id,
                     self.model_set, self.settings.pipeline.batch_size, self.cfg.lease_seconds, extra=self._log)
+        self.delivery = start_background(  # delivery hook: a background thread, never waited on
+            self.processor.sessions, self.settings.delivery, self.metrics)  # type: ignore[union-attr]
         try:
             with self.beating():
                 recovered = False
@@ -111,6 +115,8 @@ class Daemon(QueueWorker):
                         self.step(watcher)
                         self.stop.wait(self.cfg.poll_seconds)
         finally:
+            if self.delivery is not None:  # delivery hook: stop the background delivery
+                self.delivery.stop(self.cfg.grace_seconds)
             self.processor.close()  # type: ignore[union-attr]
             self.metrics.close()
             with self._transient("signing off"):

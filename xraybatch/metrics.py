@@ -11,6 +11,10 @@ No label carries a UID, a path or anything else about a patient.
 - ``xraybatch_transient_faults_total`` (counter): episodes of transient faults (DB unreachable, disk full),
   each counted once however long it lasts.
 - ``xraybatch_worker_info`` (gauge, 1; labels ``worker_id``, ``model_set``): which worker and models.
+- ``xraybatch_deliveries_total`` (counter, labels ``destination``, ``state``): answers of the delivery
+  destinations per output: ``sent``, ``failed`` (refused), ``pending`` (no answer; retried).
+- ``xraybatch_delivery_faults_total`` (counter, label ``destination``): episodes of a destination being
+  unreachable, each counted once however long it lasts.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class WorkerMetrics:
         )
         self._info = Gauge("xraybatch_worker_info", "This worker and the models it runs.", ["worker_id", "model_set"],
                            registry=self.registry)
+        self.deliveries = Counter(
+            "xraybatch_deliveries", "Answers of the delivery destinations per output (sent, failed, pending).",
+            ["destination", "state"], registry=self.registry,
+        )
+        self.delivery_faults = Counter(
+            "xraybatch_delivery_faults", "Episodes of a delivery destination being unreachable.", ["destination"],
+            registry=self.registry,
+        )
         self._worker_id = worker_id
         self._stop: Callable[[], None] | None = None
 
@@ -65,6 +77,14 @@ class WorkerMetrics:
         self.instances.labels(state=str(outcome.state)).inc()
         for stage, seconds in outcome.timings.items():
             self.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def delivered(self, destination: str, state: str) -> None:
+        """Count one delivery answer (``sent``, ``failed`` or ``pending``) of ``destination``."""
+        self.deliveries.labels(destination=destination, state=state).inc()
+
+    def delivery_fault(self, destination: str) -> None:
+        """Count the start of an episode in which ``destination`` cannot be reached."""
+        self.delivery_faults.labels(destination=destination).inc()
 
     def text(self) -> str:
         """The metrics in the Prometheus text format (what the HTTP endpoint serves)."""

@@ -128,6 +128,47 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """Sending the outputs to PACS nodes (C-STORE, STOW-RS); see docs/delivery.md."""
+
+    destinations: tuple[str, ...] = ()  # dicom://CALLED_AE@HOST:PORT, dicoms://... (TLS), http(s)://HOST:PORT/PATH (DICOMweb)
+    ae_title: str = "XRAYBATCH"  # our calling AE title in C-STORE associations
+    connect_timeout: float = 10.0  # seconds to open a TCP connection / association, or an HTTP connection
+    timeout: float = 60.0  # seconds to wait for a DIMSE response or an HTTP response
+    try_timeout: float = 5.0  # run-folder's single try per destination: connection timeout, in seconds
+    batch_size: int = 50  # outputs per association or STOW-RS request
+    concurrency: int = 2  # associations or requests open at once per destination
+    poll_seconds: float = 5.0  # watch: how often the background delivery looks for pending outputs
+    retry_max_seconds: float = 300.0  # watch: longest wait between retries while a destination is down
+    verify: str = "none"  # "none", "commitment" (DICOM Storage Commitment, dicom://) or "qido" (QIDO-RS read-back, http://)
+    commitment_address: str = "127.0.0.1"  # where the N-EVENT-REPORT of Storage Commitment is received
+    commitment_port: int = 0  # port for the N-EVENT-REPORT (0: on the same association only)
+    commitment_timeout: float = 30.0  # seconds to wait for the Storage Commitment result
+    tls_ca_file: str = ""  # dicoms:// and https://: CA bundle that signs the PACS certificate (empty: system CAs)
+    tls_cert_file: str = ""  # dicoms:// and https://: our client certificate (PEM), for mutual TLS
+    tls_key_file: str = ""  # dicoms:// and https://: the client certificate's private key (PEM)
+    http_token: str = ""  # DICOMweb: bearer token (Authorization: Bearer ...); empty: none
+    http_username: str = ""  # DICOMweb: basic auth user name; empty: none
+    http_password: str = ""  # DICOMweb: basic auth password
+
+
+@dataclass(frozen=True)
+class ReceiveConfig:
+    """The C-STORE receiver (``xraybatch receive``)."""
+
+    port: int = 11112  # TCP port the receiver listens on
+    address: str = "127.0.0.1"  # address the receiver binds; "0.0.0.0" to accept from other hosts
+    ae_title: str = "XRAYBATCH"  # the receiver's own AE title (the called AE title senders use)
+    max_associations: int = 8  # associations served at once; more are rejected (transient, "local limit exceeded")
+    network_timeout: float = 60.0  # seconds of silence on an association before it is aborted (a hung sender)
+    acse_timeout: float = 30.0  # seconds to wait for association negotiation messages
+    dimse_timeout: float = 60.0  # seconds to wait for the rest of a DIMSE message
+    allowed_ae_titles: tuple[str, ...] = ()  # calling AE titles accepted; empty: any
+    allowed_hosts: tuple[str, ...] = ()  # sender IP addresses accepted; empty: any
+    min_free_bytes: int = 1_000_000_000  # below this much free disk in INCOMING, C-STORE answers Out of Resources (0xA700)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -140,6 +181,8 @@ class Settings:
     db: DbConfig = field(default_factory=DbConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    receive: ReceiveConfig = field(default_factory=ReceiveConfig)
 
     @property
     def db_url(self) -> str:
@@ -266,6 +309,15 @@ def _validate(obj: Any) -> None:
             raise ConfigError("[watch] max_attempts must be >= 1 and the times must be > 0")
         if not 0 <= obj.metrics_port <= 65535:
             raise ConfigError(f"[watch] metrics_port must be a TCP port 1-65535, or 0 for none; got {obj.metrics_port}")
+    elif isinstance(obj, DeliveryConfig):
+        _validate_delivery(obj)
+    elif isinstance(obj, ReceiveConfig):
+        if not 1 <= obj.port <= 65535 or obj.max_associations < 1 or obj.min_free_bytes < 0:
+            raise ConfigError("[receive] port must be 1-65535, max_associations >= 1 and min_free_bytes >= 0")
+        if min(obj.network_timeout, obj.acse_timeout, obj.dimse_timeout) <= 0:
+            raise ConfigError("[receive] the timeouts must be > 0")
+        if not 1 <= len(obj.ae_title) <= 16:
+            raise ConfigError(f"[receive] ae_title must be 1-16 characters, got {obj.ae_title!r}")
     elif isinstance(obj, OutputConfig):
         if obj.sc_max_size < 64 or obj.pm_max_size < 8:
             raise ConfigError(
@@ -282,6 +334,26 @@ def _validate(obj: Any) -> None:
                 f"[output] uid_root must be a UID root of digits and dots, at most 40 characters, without "
                 f"leading zeros (PS3.5 9.1), e.g. '1.2.840.99999.1'; got {obj.uid_root!r}"
             )
+
+
+def _validate_delivery(obj: DeliveryConfig) -> None:
+    from xraybatch.delivery.destinations import parse_destination
+
+    for dest in obj.destinations:
+        parse_destination(dest)  # raises ConfigError naming the accepted forms
+    if not 1 <= len(obj.ae_title) <= 16:
+        raise ConfigError(f"[delivery] ae_title must be 1-16 characters, got {obj.ae_title!r}")
+    if obj.batch_size < 1 or obj.concurrency < 1:
+        raise ConfigError("[delivery] batch_size and concurrency must be >= 1")
+    if min(obj.connect_timeout, obj.timeout, obj.try_timeout, obj.poll_seconds, obj.retry_max_seconds,
+           obj.commitment_timeout) <= 0:
+        raise ConfigError("[delivery] the timeouts and intervals must be > 0")
+    if obj.verify not in ("none", "commitment", "qido"):
+        raise ConfigError(f"[delivery] verify must be 'none', 'commitment' or 'qido', got {obj.verify!r}")
+    if not 0 <= obj.commitment_port <= 65535:
+        raise ConfigError(f"[delivery] commitment_port must be a TCP port 1-65535, or 0; got {obj.commitment_port}")
+    if bool(obj.tls_cert_file) != bool(obj.tls_key_file):
+        raise ConfigError("[delivery] tls_cert_file and tls_key_file go together: set both or neither")
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from xraybatch.db import current_revision, downgrade, head_revision, make_engine
 from xraybatch.db.tables import LIVE_STATES, Base
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"instances", "predictions", "outputs", "model_versions", "workers"}
-HEAD = "0003"
+TABLES = {"instances", "predictions", "outputs", "model_versions", "workers", "deliveries"}
+HEAD = "0004"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     assert tables(engine) == set()
     upgrade(db_url, "0001")
     assert current_revision(db_url) == "0001"
-    assert tables(engine) == TABLES - {"workers"}
+    assert tables(engine) == TABLES - {"workers", "deliveries"}
     upgrade(db_url)
     assert tables(engine) == TABLES
     engine.dispose()

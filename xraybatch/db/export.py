@@ -6,6 +6,10 @@ Two row kinds, whose column names tools outside xraybatch depend on (keep them):
     :data:`PREDICTION_COLUMNS`; ``positive`` is a boolean (``true``/``false`` in CSV too).
 ``instances``: one row per input file seen
     :data:`INSTANCE_COLUMNS`.
+``outputs``: one row per output (SR, SC) and destination
+    :data:`OUTPUT_COLUMNS`; ``sent_state`` is ``pending``, ``sent`` or ``failed`` (``not_sent`` and an empty
+    ``destination`` for an output no destination was configured for), ``status`` the last DIMSE status or
+    HTTP status, ``reason`` the PACS's failure reason.
 
 Datetimes are ISO 8601 strings in UTC. ``patient_id`` is never exported. CSV cells that a spreadsheet would
 run as a formula get a leading ``'`` (:func:`neutralise_formula`).
@@ -21,15 +25,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TextIO
 
-from sqlalchemy import ColumnElement, Select, and_, exists, select
+from sqlalchemy import ColumnElement, Select, and_, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from xraybatch.db.session import guard
-from xraybatch.db.tables import Instance, PredictionRow
+from xraybatch.db.tables import Delivery, Instance, OutputRow, PredictionRow
 
 logger = logging.getLogger(__name__)
 
-What = Literal["predictions", "instances"]
+What = Literal["predictions", "instances", "outputs"]
 Format = Literal["csv", "json"]
 
 PREDICTION_COLUMNS: dict[str, InstrumentedAttribute[Any]] = {
@@ -61,6 +65,21 @@ INSTANCE_COLUMNS: dict[str, InstrumentedAttribute[Any]] = {
     "model_set": Instance.model_set,
     "received_at": Instance.received_at,
     "finished_at": Instance.finished_at,
+}
+OUTPUT_COLUMNS: dict[str, Any] = {
+    "sop_instance_uid": OutputRow.sop_instance_uid,
+    "source_sop_instance_uid": Instance.sop_instance_uid,
+    "study_instance_uid": Instance.study_instance_uid,
+    "accession_number": Instance.accession_number,
+    "kind": OutputRow.kind,
+    "destination": func.coalesce(Delivery.destination, ""),
+    "sent_state": func.coalesce(Delivery.state, OutputRow.sent_state),
+    "status": Delivery.status,
+    "reason": func.coalesce(Delivery.reason, ""),
+    "verified": func.coalesce(Delivery.verified, ""),
+    "attempts": func.coalesce(Delivery.attempts, 0),
+    "created_at": OutputRow.created_at,
+    "sent_at": Delivery.sent_at,
 }
 YIELD_PER = 1000
 
@@ -177,12 +196,14 @@ def write_export(session: Session, what: What, fmt: Format, out: TextIO, flt: Re
     return count
 
 
-def _columns(what: str) -> dict[str, InstrumentedAttribute[Any]]:
+def _columns(what: str) -> dict[str, Any]:
     if what == "predictions":
         return PREDICTION_COLUMNS
     if what == "instances":
         return INSTANCE_COLUMNS
-    raise ValueError(f"what must be 'predictions' or 'instances', got {what!r}")
+    if what == "outputs":
+        return OUTPUT_COLUMNS
+    raise ValueError(f"what must be 'predictions', 'instances' or 'outputs', got {what!r}")
 
 
 def _statement(what: str, flt: ResultFilter) -> Select[Any]:
@@ -191,6 +212,17 @@ def _statement(what: str, flt: ResultFilter) -> Select[Any]:
         conditions = flt.prediction_conditions() + flt.instance_conditions(Instance.finished_at)
         stmt = select(*columns).join_from(PredictionRow, Instance, PredictionRow.instance_id == Instance.id)
         return stmt.where(*conditions).order_by(Instance.id, PredictionRow.id)
+    if what == "outputs":
+        conditions = flt.instance_conditions(OutputRow.created_at)
+        if flt.prediction_conditions():
+            matching = and_(PredictionRow.instance_id == Instance.id, *flt.prediction_conditions())
+            conditions.append(exists().where(matching))
+        stmt = (
+            select(*columns)
+            .join_from(OutputRow, Instance, OutputRow.instance_id == Instance.id)
+            .outerjoin(Delivery, Delivery.output_id == OutputRow.id)
+        )
+        return stmt.where(*conditions).order_by(OutputRow.id, Delivery.id)
     conditions = flt.instance_conditions(Instance.received_at)
     if flt.prediction_conditions():
         matching = and_(PredictionRow.instance_id == Instance.id, *flt.prediction_conditions())

@@ -204,3 +204,33 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None]
+
+
+class Delivery(Base):
+    """One output's delivery to one destination (``xraybatch deliver``, ``--send``); see docs/delivery.md.
+
+    ``state``: ``pending`` (to send, or to send again after a transient fault), ``sent`` (the PACS answered
+    success; never sent again) or ``failed`` (the PACS refused it; sent again only by ``deliver --retry-failed``).
+    """
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id", ondelete="CASCADE"))
+    destination: Mapped[str] = mapped_column(Text)  # the destination URL, e.g. dicom://ORTHANC@pacs:4242
+    state: Mapped[str] = mapped_column(default="pending")  # pending, sent, failed
+    status: Mapped[int | None]  # last DIMSE status (e.g. 0 = Success, 0xA700) or HTTP status; None: no answer
+    reason: Mapped[str] = mapped_column(Text, default="")  # the PACS's failure reason, or why it is still pending
+    verified: Mapped[str] = mapped_column(default="")  # "", "committed", "not_committed", "found", "not_found"
+    attempts: Mapped[int] = mapped_column(default=0)
+    claimed_by: Mapped[str | None]  # the process sending it now
+    claim_expires_at: Mapped[datetime | None]  # an abandoned claim is free again after this
+    next_attempt_at: Mapped[datetime | None]  # a transient fault: not before this (watch's backoff)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("output_id", "destination"),
+        Index("ix_deliveries_destination_state", "destination", "state"),
+    )
