@@ -3,6 +3,9 @@
     .venv/bin/python bench/delivery.py                 # 50 synthetic CR images -> 100 outputs (SC + SR)
     .venv/bin/python bench/delivery.py --images 50 --verify commitment --pdu 131072
 
+Measured here (2 shared cores, load average 5): C-STORE 13.8 objects/s over one association (9.9 before
+TCP_NODELAY), STOW-RS 41.5 objects/s in one request; the SC is 1024x960 RGB (2.9 MB), the SR a few kB.
+
 Needs root (Orthanc runs in a network namespace with only loopback, as in the tests) and the Debian packages
 orthanc and orthanc-dicomweb. The outputs are made by ``run_folder`` with a tiny random-weight bundle (the
 model does not matter here); the SC of a 256x240 source is the SC xraybatch writes for it (8-bit RGB). The

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import socketserver
 import threading
 import time
@@ -88,6 +89,7 @@ class _Server(ThreadedAssociationServer):
         that stops mid-PDU would hold its thread and its association slot for ever without this."""
         sock, address = super().get_request()
         sock.settimeout(self.ae.network_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are not held for delayed ACKs
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:

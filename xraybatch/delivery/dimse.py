@@ -15,6 +15,7 @@ No answer at all (association refused or aborted, connection lost, timeout) leav
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -159,6 +160,7 @@ def send_dimse(
     if not assoc.is_established:
         why = "the association was rejected" if assoc.is_rejected else "no association could be opened"
         return pending_all(list(items), f"{dest}: {why} (PACS down, unreachable, or our AE title unknown to it)")
+    _no_delay(assoc)
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         for item, ds in datasets:
@@ -177,6 +179,14 @@ def send_dimse(
         if assoc.is_established:
             assoc.release()
     return BatchResult(tuple(results[i.delivery_id] for i in items))
+
+
+def _no_delay(assoc: Any) -> None:
+    """TCP_NODELAY on the association's socket: without it each C-STORE waits on delayed ACKs (measured with
+    Orthanc: 100 ms per object, 55-75 ms with it)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _contexts(datasets: Any) -> dict[str, list[str]]:
