@@ -16,7 +16,7 @@ from pydicom.uid import JPEGLSLossless
 
 from tests.synth import make_dataset
 from xraybatch.domain import DisplayImage, Heatmap, Prediction
-from xraybatch.errors import WriteBackError
+from xraybatch.errors import InvalidInputError
 from xraybatch.models.findings import (
     BINARY_TARGETS,
     NIH_TARGETS,
@@ -229,7 +229,7 @@ def test_unsafe_uids_never_name_a_file(bad: str, tmp_path: Path) -> None:
     ds.StudyInstanceUID = bad
     ds.SeriesInstanceUID = "1.2.3"
     ds.SOPInstanceUID = "1.2.3.4"
-    with pytest.raises(WriteBackError, match="StudyInstanceUID .*not a valid UID") as info:
+    with pytest.raises(InvalidInputError, match="StudyInstanceUID .*not a valid UID") as info:
         output_path(tmp_path / "outbox", ds)
     assert bad not in str(info.value)
 
@@ -240,7 +240,7 @@ def test_unsafe_source_study_uid_writes_nothing(
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     source.StudyInstanceUID = "../../outside"
     outbox = tmp_path / "deep" / "outbox"
-    with pytest.raises(WriteBackError, match="not a valid UID"):
+    with pytest.raises(InvalidInputError, match="not a valid UID"):
         _outputs(source, predictions, outbox)
     assert not any(tmp_path.rglob("*.dcm"))
 

@@ -66,8 +66,9 @@ def write_outputs(
     Raises
     ------
     WriteBackError
-        An object could not be built from the source, could not be named by valid UIDs inside the outbox,
-        or could not be written.
+        An object could not be built from the source, or could not be written.
+    InvalidInputError
+        The source's Study Instance UID cannot name a folder inside the outbox (not a valid UID).
     """
     built: list[tuple[str, pydicom.Dataset]] = []
 

@@ -28,7 +28,7 @@ from pydicom.valuerep import validate_value
 
 from xraybatch import __version__
 from xraybatch.domain import Prediction
-from xraybatch.errors import WriteBackError
+from xraybatch.errors import InvalidInputError, WriteBackError
 from xraybatch.files import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -314,18 +314,20 @@ def output_path(outbox: Path, ds: Dataset) -> Path:
 
     Raises
     ------
-    WriteBackError
-        A UID is not a valid UID (PS3.5 9.1), or the path would lie outside the outbox.
+    InvalidInputError
+        A UID is not a valid UID (PS3.5 9.1), or the path would lie outside the outbox: the source is at
+        fault (its Study Instance UID names the study folder), so trying again cannot help. The message names
+        the attribute, never its value.
     """
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if not is_uid(ds.get(keyword)):
-            raise WriteBackError(
+            raise InvalidInputError(
                 f"the {keyword} of the output is not a valid UID (PS3.5 9.1: digits and dots, at most 64 "
                 "characters); the source's study cannot name an output file, so it gets none"
             )
     path = outbox / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
     if not path.resolve().is_relative_to(outbox.resolve()):
-        raise WriteBackError("the output path would lie outside the outbox; nothing was written")
+        raise InvalidInputError("the output path would lie outside the outbox; nothing was written")
     return path
 
 
