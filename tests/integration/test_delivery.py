@@ -40,10 +40,11 @@ def ns() -> Iterator[str]:
         yield name
 
 
-def _settings(tmp_path: Path, bundle: Path, **delivery: object) -> Settings:
+def _settings(tmp_path: Path, bundle: Path, maps: bool = False, **delivery: object) -> Settings:
+    """Settings for a delivery test: an SR and an SC per image, and the parametric maps only with ``maps``."""
     return load_settings(None, {
         "workdir": tmp_path / "work", "model": {"bundles": [str(bundle)]}, "pipeline": {"decode_processes": 1},
-        "delivery": {"connect_timeout": 3.0, "timeout": 30.0, **delivery},
+        "output": {"parametric_map": maps}, "delivery": {"connect_timeout": 3.0, "timeout": 30.0, **delivery},
     }, environ={})
 
 
@@ -77,20 +78,21 @@ def _assert_in_source_studies(orthanc: pacs.Orthanc, files: list[Path], outputs:
     stored = orthanc.instances()
     assert set(stored) == set(outputs)
     assert {tags["StudyInstanceUID"] for tags in stored.values()} == _source_studies(files)
-    assert {tags["Modality"] for tags in stored.values()} == {"SR", "OT"}
+    assert {"SR", "OT"} <= {tags["Modality"] for tags in stored.values()}
     for tags in stored.values():
         assert "AI generated" in tags.get("SeriesDescription", "")
 
 
 def test_cstore_into_the_source_study_once(tmp_path: Path, tiny_bundle: Path, ns: str) -> None:
-    settings = _settings(tmp_path, tiny_bundle)
+    settings = _settings(tmp_path, tiny_bundle, maps=True)
     files, sessions = _process(tmp_path, settings)
     outputs = _outputs(sessions)
+    assert "pm" in outputs.values()  # parametric maps (JPEG-LS) and the SC (JPEG) go too
     orthanc = pacs.Orthanc(ns, tmp_path / "orthanc").start()
     try:
         with pacs.in_netns(ns):
             report = deliver_pending(sessions, [orthanc.dicom_url], settings.delivery)
-            assert (report.sent, report.failed, report.unsent, report.faults) == (4, 0, 0, {})
+            assert (report.sent, report.failed, report.unsent, report.faults) == (len(outputs), 0, 0, {})
             again = deliver_pending(sessions, [orthanc.dicom_url], settings.delivery, retry_failed=True)
         assert (again.sent, again.unsent) == (0, 0)  # already sent: never sent again
         _assert_in_source_studies(orthanc, files, outputs)
@@ -127,6 +129,7 @@ def test_pacs_down_run_folder_then_deliver_sends_each_once(tmp_path: Path, tiny_
         write_dicom(inbox / f"cr{i}.dcm", seed=i)
     work = tmp_path / "work"
     env = {**os.environ, "PYTHONPATH": str(REPO), "XRAYBATCH_PIPELINE_DECODE_PROCESSES": "1",
+           "XRAYBATCH_OUTPUT_PARAMETRIC_MAP": "false",
            "XRAYBATCH_DELIVERY_TRY_TIMEOUT": "2"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -272,6 +275,7 @@ def test_end_to_end_receive_watch_send_turns_a_cstore_into_sr_and_sc_in_the_pacs
     orthanc = pacs.Orthanc(ns, tmp_path / "orthanc").start()
     incoming, work, port = tmp_path / "incoming", tmp_path / "work", pacs.free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "XRAYBATCH_PIPELINE_DECODE_PROCESSES": "1",
+           "XRAYBATCH_OUTPUT_PARAMETRIC_MAP": "false",
            "XRAYBATCH_WATCH_SETTLE_SECONDS": "0.3", "XRAYBATCH_WATCH_POLL_SECONDS": "0.2",
            "XRAYBATCH_WATCH_BATCH_WAIT_SECONDS": "0.1", "XRAYBATCH_DELIVERY_POLL_SECONDS": "0.3",
            "XRAYBATCH_RECEIVE_MIN_FREE_BYTES": "0"}

@@ -146,7 +146,7 @@ def send_dimse(
     ae.acse_timeout = cfg.timeout
     ae.dimse_timeout = cfg.timeout
     ae.network_timeout = cfg.timeout
-    for sop_class, syntaxes in _contexts(ds for _, ds in datasets).items():
+    for sop_class, syntaxes in _contexts(ds for _, ds in datasets):
         ae.add_requested_context(sop_class, syntaxes)
     verify = cfg.verify == "commitment"
     if verify:
@@ -162,7 +162,7 @@ def send_dimse(
         return pending_all(list(items), f"{dest}: {why} (PACS down, unreachable, or our AE title unknown to it)")
     _no_delay(assoc)
     try:
-        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         for item, ds in datasets:
             results[item.delivery_id] = _store_one(assoc, item, ds, accepted, dest)
         if verify and assoc.is_established:
@@ -189,29 +189,61 @@ def _no_delay(assoc: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _contexts(datasets: Any) -> dict[str, list[str]]:
-    """SOP class -> transfer syntaxes to propose: the file's own, then Explicit and Implicit VR Little Endian."""
-    out: dict[str, list[str]] = {}
+_UNCOMPRESSED: list[str] = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+
+
+def _contexts(datasets: Any) -> list[tuple[str, list[str]]]:
+    """Presentation contexts to propose: per SOP class, one for each file's own transfer syntax and one for
+    the uncompressed syntaxes.
+
+    An SCP accepts one transfer syntax per context, so a compressed syntax and the uncompressed fallback
+    go into separate contexts (PS3.8 9.3.2.2): a destination that does not take JPEG still takes the object,
+    decompressed (:func:`_sendable`).
+    """
+    out: list[tuple[str, list[str]]] = []
     for ds in datasets:
-        syntaxes = out.setdefault(str(ds.SOPClassUID), [])
-        for ts in (str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if ts not in syntaxes:
-                syntaxes.append(ts)
+        sop_class, ts = str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+        for context in ((sop_class, [ts]), (sop_class, _UNCOMPRESSED)):
+            if ts in _UNCOMPRESSED and context[1] != _UNCOMPRESSED:
+                continue
+            if context not in out:
+                out.append(context)
     if len(out) > MAX_CONTEXTS - 1:
-        raise ValueError(f"a batch holds {len(out)} SOP classes; at most {MAX_CONTEXTS - 1} fit an association")
+        raise ValueError(f"a batch needs {len(out)} presentation contexts; at most {MAX_CONTEXTS - 1} fit")
     return out
 
 
-def _store_one(assoc: Any, item: Item, ds: Dataset, accepted: set[str], dest: Destination) -> ItemResult:
+def _sendable(ds: Dataset, accepted: set[tuple[str, str]]) -> Dataset | None:
+    """``ds`` as it can go on this association: as stored, or decompressed when only an uncompressed context
+    was accepted for its SOP class; ``None`` when no context of its SOP class was accepted."""
+    sop_class, ts = str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+    if (sop_class, ts) in accepted:
+        return ds
+    if not any((sop_class, u) in accepted for u in _UNCOMPRESSED):
+        return None
+    ds.decompress(generate_instance_uid=False)  # the same object: its SOP Instance UID must not change
+    return ds
+
+
+def _store_one(
+    assoc: Any, item: Item, ds: Dataset, accepted: set[tuple[str, str]], dest: Destination
+) -> ItemResult:
     extra = {"sop_instance_uid": item.sop_instance_uid, "stage": "deliver", "destination": str(dest)}
-    if str(ds.SOPClassUID) not in accepted:
+    try:
+        sendable = _sendable(ds, accepted)
+    except (ValueError, RuntimeError, NotImplementedError) as err:
+        return ItemResult(
+            item.delivery_id, FAILED, None,
+            f"{dest} takes this object only uncompressed, and it could not be decompressed ({type(err).__name__})",
+        )
+    if sendable is None:
         return ItemResult(
             item.delivery_id, FAILED, None,
             f"{dest} does not accept SOP Class {ds.SOPClassUID} (no presentation context accepted)",
         )
     if not assoc.is_established:
         return ItemResult(item.delivery_id, PENDING, None, "the association ended before this object was sent")
-    status = assoc.send_c_store(ds)
+    status = assoc.send_c_store(sendable)
     if "Status" not in status:
         return ItemResult(item.delivery_id, PENDING, None, "no C-STORE response (association aborted or timed out)")
     code = int(status.Status)
