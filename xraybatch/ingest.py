@@ -556,8 +556,8 @@ def read(header: InstanceHeader) -> XrayImage:
                 raise InvalidInputError("the file has no Pixel Data (7FE0,0010)")
             pixels = ds.pixel_array
             del ds.PixelData
-    except InvalidInputError:
-        raise
+    except (InvalidInputError, isolation.DecoderUnavailable):
+        raise  # DecoderUnavailable is the host's fault: the pipeline records it as failed, to be retried
     except (*_READ_ERRORS, RuntimeError) as err:  # pydicom's decoders raise RuntimeError on damaged data
         raise InvalidInputError(f"the pixel data could not be decoded: {_describe(err)}") from err
     if pixels.ndim != 2:

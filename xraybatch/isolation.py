@@ -95,6 +95,10 @@ class DecoderCrashed(Exception):
         self.errors = tuple(errors)  # what the decoders tried before the crash said
 
 
+class DecoderUnavailable(Exception):
+    """The decoder child could not be started: a fault of this host (not of the file), retried later."""
+
+
 def needs_isolation(transfer_syntax_uid: str) -> bool:
     """Whether decoding data of this transfer syntax runs native code (and so goes through the child)."""
     return bool(transfer_syntax_uid) and transfer_syntax_uid not in _PYTHON_DECODED
@@ -163,10 +167,14 @@ class DecodeChild:
             self._reap()
         env = dict(os.environ)
         env["XRB_DECODE_PARENT"] = str(os.getpid())
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "xraybatch.isolation"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "xraybatch.isolation"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True,
+            )
+        except OSError as err:
+            self._proc = None
+            raise DecoderUnavailable(f"the decoder child could not be started: {err}") from err
         self._owner = os.getpid()
         self.starts += 1
         try:
@@ -175,7 +183,7 @@ class DecodeChild:
             reply = None
         if reply != ("ready",):
             how = self._kill_and_describe(timed_out=reply is None and self._proc.poll() is None)
-            raise RuntimeError(f"the decoder child did not start ({how})")
+            raise DecoderUnavailable(f"the decoder child did not start ({how})")
         logger.debug("decoder child %d started", self._proc.pid, extra={"stage": "decode"})
         return self._proc
 
@@ -223,6 +231,8 @@ class DecodeChild:
             Every plugin raised (damaged or unsupported data); ``errors`` holds one line per plugin.
         DecoderCrashed
             The child died or hung while decoding; it is replaced on the next call.
+        DecoderUnavailable
+            No child could be started (a fault of the host; the file is not to blame).
         """
         errors: list[str] = []
         with self._lock:

@@ -14,11 +14,13 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.hostile import PLANTED_BIRTH_DATE, PLANTED_NAME, Case, write_corpus
+from tests.integration import throwaway_postgres_database
 from tests.synth import write_dicom
 from xraybatch.db import session as db_session
 from xraybatch.db.export import ResultFilter, iter_rows, write_export
@@ -63,15 +65,27 @@ def _check(case: Case, row: dict[str, object], notes: list[str]) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Case], Settings, str]:
-    """The whole corpus through ``run_folder`` once (decode worker processes on, batches of 8)."""
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def corpus_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[list[Case], Settings, str]]:
+    """The whole corpus through ``run_folder`` once per DB (decode worker processes on, batches of 8)."""
+    if request.param == "sqlite":
+        yield from _corpus_run(tmp_path_factory, {})
+    else:
+        with throwaway_postgres_database() as url:
+            yield from _corpus_run(tmp_path_factory, {"db": {"url": url}})
+
+
+def _corpus_run(
+    tmp_path_factory: pytest.TempPathFactory, sections: dict[str, dict[str, object]]
+) -> Iterator[tuple[list[Case], Settings, str]]:
     from tests.conftest import make_tiny_bundle
 
     tmp = tmp_path_factory.mktemp("hostile")
     cases = write_corpus(tmp / "in")
     bundle = make_tiny_bundle(tmp / "bundles" / "tiny-binary")
-    settings = _settings(tmp, bundle)
+    settings = _settings(tmp, bundle, **sections)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     from xraybatch import logs
@@ -88,7 +102,7 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Case], Se
         root.setLevel(level)
         logging.captureWarnings(False)
     assert summary.files == len(cases)
-    return cases, settings, stream.getvalue()
+    yield cases, settings, stream.getvalue()
 
 
 def test_corpus_has_at_least_60_distinct_cases() -> None:

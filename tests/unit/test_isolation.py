@@ -167,3 +167,17 @@ def test_ingest_read_turns_a_crash_into_a_rejection(tmp_path: Path) -> None:
         ingest.read(header)
     good = _case(tmp_path, "jpegls-good")
     assert ingest.read(ingest.read_header(good, cfg)[0]).pixels.shape == (160, 144)
+
+
+def test_a_child_that_cannot_start_is_the_hosts_fault_not_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No decoder child (e.g. no processes left): the file is not rejected; the pipeline records a failure."""
+    from xraybatch.isolation import DecoderUnavailable
+
+    monkeypatch.setattr(isolation.sys, "executable", str(tmp_path / "no-such-python"))
+    monkeypatch.setattr(isolation, "_default", DecodeChild())
+    cfg = IngestConfig()
+    header, _ = ingest.read_header(_case(tmp_path, "j2k-good"), cfg)
+    with pytest.raises(DecoderUnavailable, match="could not be started"):
+        ingest.read(header)
