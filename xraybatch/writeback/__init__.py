@@ -18,6 +18,7 @@ import pydicom
 
 from xraybatch.domain import DisplayImage, Heatmap, OutputRecord, Prediction
 from xraybatch.errors import WriteBackError
+from xraybatch.logs import mask_exception_text
 from xraybatch.settings import OutputConfig
 from xraybatch.writeback.common import atomic_write, output_path
 from xraybatch.writeback.pm import build_pm
@@ -81,7 +82,7 @@ def write_outputs(
         except (ValueError, TypeError, AttributeError) as err:
             raise WriteBackError(
                 f"could not build the {kind.upper()} for SOP Instance {source.get('SOPInstanceUID', '?')}: "
-                f"{err}; fix the cause, or set [output] {_FLAGS[kind]} = false to skip this object"
+                f"{mask_exception_text(str(err))}; fix the cause, or set [output] {_FLAGS[kind]} = false to skip this object"
             ) from err
         built.append((kind, ds))
         return ds

@@ -30,6 +30,7 @@ from xraybatch import __version__
 from xraybatch.domain import Prediction
 from xraybatch.errors import InvalidInputError, WriteBackError
 from xraybatch.files import fsync_dir
+from xraybatch.logs import mask_exception_text
 
 logger = logging.getLogger(__name__)
 
@@ -368,6 +369,6 @@ def atomic_write(ds: Dataset, path: Path) -> None:
         ) from err
     except (ValueError, TypeError) as err:
         raise WriteBackError(
-            f"could not encode {path.name}: {err}; the dataset holds an invalid value"
+            f"could not encode {path.name}: {mask_exception_text(str(err))}; the dataset holds an invalid value"
         ) from err
     logger.debug("wrote %s", path, extra={"sop_instance_uid": str(ds.SOPInstanceUID), "stage": "writeback"})
