@@ -162,8 +162,15 @@ def test_plain_log_lines_are_never_wrapped(capsys: pytest.CaptureFixture[str]) -
 
     from xraybatch.cli import _configure_logging
 
-    _configure_logging(1, "plain")
-    long = "x" * 300
-    logging.getLogger("xraybatch.test").info("a long line %s end", long)
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level)
+             for name in ("xraybatch", "training")}
+    try:
+        _configure_logging(1, "plain")
+        long = "x" * 300
+        logging.getLogger("xraybatch.test").info("a long line %s end", long)
+    finally:  # leave logging as other tests expect it
+        for name, (handlers, level) in saved.items():
+            logging.getLogger(name).handlers = handlers
+            logging.getLogger(name).setLevel(level)
     lines = [line for line in capsys.readouterr().err.splitlines() if "a long line" in line]
     assert len(lines) == 1 and lines[0].endswith(f"{long} end") and " INFO xraybatch.test: " in lines[0]

@@ -308,7 +308,13 @@ def watch_cmd(ctx: click.Context, incoming: Path, workers: int, bundles: tuple[P
         exit_when_parent_dies(int(supervisor), signal.SIGTERM)
     if bundles:
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, bundles=tuple(map(str, bundles))))
-    sys.exit(_run(daemon.Daemon(incoming, settings).run))
+    code = _run(daemon.Daemon(incoming, settings).run)
+    # Everything is committed and signed off: skip the interpreter's teardown (seconds with torch loaded on a
+    # busy host), so that the service manager sees the stop at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @main.command("status")

@@ -88,8 +88,8 @@ class QueueWorker:
 
     #: the rows this worker claims (``instances.source``)
     sources: tuple[str, ...] = (WATCH_SOURCE,)
-    #: exit code after a signal: 0 for a daemon asked to stop, non-zero for an interrupted run
-    interrupted_code = 0
+    #: a signal ends the process with 128 + the signal's number (an interrupted run), not 0 (a daemon asked to stop)
+    nonzero_when_stopped = False
 
     def __init__(self, settings: Settings, label: str) -> None:
         from xraybatch.db.queue import new_worker_id
@@ -154,10 +154,8 @@ class QueueWorker:
             self._release_own()
         except Exception as err:  # noqa: BLE001 - leaving anyway: the rescuer of the next worker takes the rows back
             logger.warning("could not return the claimed instances to the queue: %s", err, extra=self._log)
-        if self.processor is not None:
-            self.processor.close()
-        logging.shutdown()
-        os._exit(self.interrupted_code)
+        logging.shutdown()  # decode processes die with this process (xraybatch.lifetime): no waiting for them
+        os._exit(128 + (self.signal_received or signal.SIGINT) if self.nonzero_when_stopped else 0)
 
     def mark_exited(self) -> None:
         self._exited.set()
@@ -367,7 +365,7 @@ class FolderRun(QueueWorker):
     load); with ``--workers N`` the supervisor does that and passes the event it sets when every file is in.
     """
 
-    interrupted_code = 130
+    nonzero_when_stopped = True
 
     def __init__(
         self,

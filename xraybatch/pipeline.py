@@ -635,6 +635,6 @@ class _Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.signal_received is not None:
-            os._exit(130)  # the workers die with this process (parent-death signal) and release their rows
+            os._exit(128 + signum)  # the workers die with this process (parent-death signal), releasing their rows
         self.signal_received = signum
         self.stop.set()
