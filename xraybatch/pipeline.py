@@ -338,11 +338,13 @@ class Processor:
                 finished = self._infer_and_write(ready)
             except PersistError:
                 raise  # the DB is unreachable: a transient fault, not a reason to fail these files
-            except Exception as err:  # a broken batch fails its files, not the run
-                logger.exception("inference failed for a batch of %d images", len(ready))
+            except Exception as err:  # noqa: BLE001 - a broken batch fails its files, not the run
+                where = logs.describe_error(err)
+                logger.error("inference failed for a batch of %d images: %s\n%s", len(ready), where,
+                             logs.format_exception(err), extra={"stage": "infer"})
                 for item in ready:
                     outcome = Outcome(
-                        item.received_path, State.FAILED, f"internal error during inference: {err}",
+                        item.received_path, State.FAILED, f"internal error during inference: {where}",
                         item.image.header, timings=item.timings,
                     )
                     finished[item.instance_id] = self._record(outcome, item.instance_id)
@@ -388,16 +390,24 @@ class Processor:
                     item.received_path, State.DONE, "", header, predictions, outputs, item.display.notes,
                     clock.timings,
                 )
+            except InvalidInputError as err:  # e.g. a source UID that cannot name an output
+                outcome = Outcome(
+                    item.received_path, State.REJECTED, str(err), header, predictions, timings=clock.timings,
+                )
             except XrayBatchError as err:
                 outcome = Outcome(
                     item.received_path, State.FAILED, str(err), header, predictions, timings=clock.timings,
                     retryable=isinstance(err, WriteBackError),
                 )
-            except Exception as err:  # the per-file boundary
-                logger.exception("unexpected error while explaining or writing %s", header.sop_instance_uid)
+            except Exception as err:  # noqa: BLE001 - the per-file boundary: the reason says where, not the message
+                where = logs.describe_error(err)
+                logger.error(
+                    "unexpected error while explaining or writing %s: %s\n%s", header.sop_instance_uid, where,
+                    logs.format_exception(err), extra={"sop_instance_uid": header.sop_instance_uid, "stage": "write"},
+                )
                 outcome = Outcome(
-                    item.received_path, State.FAILED, f"internal error: {type(err).__name__}: {err}", header,
-                    predictions,
+                    item.received_path, State.FAILED, f"internal error: {where} (traceback in the log)", header,
+                    predictions, timings=clock.timings,
                 )
             persist = time.perf_counter()
             outcome = self._record(outcome, item.instance_id)
