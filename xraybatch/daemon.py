@@ -44,7 +44,7 @@ from types import FrameType
 
 from xraybatch.db.tables import WATCH_SOURCE
 from xraybatch.delivery import DeliveryWorker, start_background
-from xraybatch.domain import Outcome, State, file_ref
+from xraybatch.domain import Outcome, State, file_ref, path_to_db
 from xraybatch.errors import InvalidInputError
 from xraybatch.loop import QueueWorker
 from xraybatch.pipeline import read_received
@@ -191,7 +191,7 @@ class Daemon(QueueWorker):
             if not isinstance(read, Outcome):
                 queue.enqueue(s, read, str(received), str(dest), self.model_set, WATCH_SOURCE)
                 return  # queued: judged and processed in a batch (a copy waits for an earlier copy to end)
-            instance_id = repo.record_unclaimed(s, read, self.model_set, file_path=str(dest))
+            instance_id = repo.record_unclaimed(s, read, self.model_set, file_path=path_to_db(dest))
         self._log_outcome(read)
         self.metrics.record(read)
         self._file_away(instance_id, dest, read, WATCH_SOURCE)

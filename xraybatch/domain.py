@@ -7,6 +7,7 @@ Each stage takes one of these plus its sub-config and returns a new one; only ``
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from collections.abc import Mapping
@@ -29,6 +30,33 @@ def file_ref(path: Path) -> str:
     it is valid UTF-8 (the digest is taken over the name's bytes).
     """
     return "file:" + hashlib.sha256(os.fsencode(Path(path).absolute())).hexdigest()[:12]
+
+
+_FS_BYTES = "fs-bytes:"  # prefix of a stored path whose name is not valid UTF-8 (base64 of its bytes follows)
+
+
+def path_to_db(path: Path | str) -> str:
+    """``path`` as text a database can store and :func:`path_from_db` turns back into the same path.
+
+    Valid UTF-8 paths are stored as they are; a name that is not (or that starts with the marker) is stored as
+    ``fs-bytes:`` and the base64 of its bytes, so a worker can open the file again from the queue row. For
+    display and export use :func:`path_text`.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        if not text.startswith(_FS_BYTES):
+            return text
+    except UnicodeEncodeError:
+        pass
+    return _FS_BYTES + base64.urlsafe_b64encode(os.fsencode(text)).decode("ascii")
+
+
+def path_from_db(text: str) -> str:
+    """The path that :func:`path_to_db` stored as ``text``."""
+    if text.startswith(_FS_BYTES):
+        return os.fsdecode(base64.urlsafe_b64decode(text[len(_FS_BYTES):]))
+    return text
 
 
 def path_text(path: Path | str) -> str:

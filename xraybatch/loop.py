@@ -40,7 +40,7 @@ from pathlib import Path
 from types import FrameType
 
 from xraybatch.db.tables import WATCH_SOURCE
-from xraybatch.domain import Outcome, State, file_ref
+from xraybatch.domain import Outcome, State, file_ref, path_to_db
 from xraybatch.errors import PersistError
 from xraybatch.files import fsync_dir
 from xraybatch.metrics import WorkerMetrics
@@ -274,7 +274,7 @@ class QueueWorker:
         if dest is not None:
             fsync_dir(dest.parent)
         with self.processor.sessions() as s:  # type: ignore[union-attr]
-            queue.set_file_path(s, instance_id, str(dest) if dest else None)
+            queue.set_file_path(s, instance_id, path_to_db(dest) if dest else None)
 
     def _filed(self, name: str) -> Path | None:
         """Where a file named ``name`` was archived or quarantined, if it was."""

@@ -29,7 +29,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xraybatch import ingest, logs, preprocess
-from xraybatch.domain import DisplayImage, InstanceHeader, ModelInput, Outcome, State, XrayImage, file_ref
+from xraybatch.domain import (
+    DisplayImage,
+    InstanceHeader,
+    ModelInput,
+    Outcome,
+    State,
+    XrayImage,
+    file_ref,
+    path_text,
+    path_to_db,
+)
 from xraybatch.errors import (
     InvalidInputError,
     NotApplicableError,
@@ -485,7 +495,7 @@ def take_in_folder(
     for path in iter_files(root):
         if stop.is_set():
             break
-        row = known.get(str(path))
+        row = known.get(path_text(path))
         if row is not None:
             instance_id, state = row
             if state != State.FAILED.value:
@@ -496,9 +506,9 @@ def take_in_folder(
         read = read_received(path, path, settings.ingest)
         with sessions() as s:
             if isinstance(read, Outcome):
-                repo.record_unclaimed(s, read, model_set, file_path=str(path), source=source)
+                repo.record_unclaimed(s, read, model_set, file_path=path_to_db(path), source=source)
             else:
-                queue.enqueue(s, read, str(path), str(path), model_set, source)
+                queue.enqueue(s, read, path_text(path), path_to_db(path), model_set, source)
         if isinstance(read, Outcome):
             _log(read)
             if on_outcome is not None:

@@ -35,6 +35,7 @@ from xraybatch.db.tables import Instance
 from xraybatch.pipeline import folder_source, run_folder, take_in_folder
 from xraybatch.settings import load_settings
 
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """\
 [pipeline]
@@ -213,6 +214,8 @@ def check_every_input_once(runs: Runs, expected: dict[str, str], before: dict[st
     kinds: dict[str, list[str]] = {}
     for path in outputs:
         ds = dcmread(path, stop_before_pixels=True)
+        if ds.SOPClassUID == PARAMETRIC_MAP:
+            continue  # a map per explained finding, beside the one SR and one SC
         ref = (ds.SourceImageSequence[0].ReferencedSOPInstanceUID if "SourceImageSequence" in ds else
                ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
                .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)

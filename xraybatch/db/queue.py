@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, aliased
 from xraybatch.db.repo import _header_columns, _insert_for
 from xraybatch.db.session import guard
 from xraybatch.db.tables import LIVE_STATES, WATCH_SOURCE, Instance, Worker, utcnow
-from xraybatch.domain import InstanceHeader, Outcome, State
+from xraybatch.domain import InstanceHeader, Outcome, State, path_from_db
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def claim_batch(
         rows = session.execute(stmt).all()
         session.commit()
     return sorted(
-        (Claimed(r.id, r.path, r.file_path or r.path, r.attempts, r.source) for r in rows), key=lambda c: c.instance_id
+        (Claimed(r.id, r.path, path_from_db(r.file_path or r.path), r.attempts, r.source) for r in rows), key=lambda c: c.instance_id
     )
 
 
@@ -184,7 +184,7 @@ def reclaim_expired(session: Session, max_attempts: int) -> tuple[int, list[Clai
             ).execution_options(synchronize_session=False)
         ))
         session.commit()
-    return requeued, [Claimed(r.id, r.path, r.file_path or r.path, r.attempts, r.source) for r in given_up]
+    return requeued, [Claimed(r.id, r.path, path_from_db(r.file_path or r.path), r.attempts, r.source) for r in given_up]
 
 
 def depth(session: Session) -> int:
@@ -283,7 +283,7 @@ def return_to_incoming(
     incoming.mkdir(parents=True, exist_ok=True)
     count = 0
     for row in rows:
-        src = Path(row.file_path)
+        src = Path(path_from_db(row.file_path))
         if not src.is_file():
             continue
         dest = incoming / f"{'reprocess' if copy else 'retry'}-{row.id}-{src.name}"
@@ -319,7 +319,7 @@ def known_files(session: Session, folder: str) -> set[str]:
     """
     stmt = select(Instance.file_path).where(Instance.file_path.startswith(_under(folder), autoescape=True))
     with guard(session, "list the files in flight"):
-        return set(session.scalars(stmt))
+        return {path_from_db(p) for p in session.scalars(stmt) if p is not None}
 
 
 def finished_under(
@@ -337,7 +337,7 @@ def finished_under(
     with guard(session, "list unfinished file moves"):
         rows = session.execute(stmt).all()
     return [
-        (r.id, r.state, r.file_path) for r in rows
+        (r.id, r.state, path_from_db(r.file_path)) for r in rows
         if r.worker_id in (None, worker_id) or r.finished_at is None or r.finished_at < finished_before
         or _dead_local(r.worker_id, worker_id)
     ]
