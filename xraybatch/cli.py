@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -76,6 +77,7 @@ def settings_options(func: F) -> F:
             settings = load_settings(config_file, overrides)
         except XrayBatchError as err:
             raise click.ClickException(str(err)) from err
+        os.umask(settings.umask_bits)  # the configured umask replaces the default set in main()
         return func(*args, settings=settings, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -103,6 +105,9 @@ def main(verbose: int, log_format: str) -> None:
 
         xraybatch run-folder /data/incoming --workdir /var/lib/xraybatch
     """
+    # Results hold patient names: whatever started the process (a shell, systemd, a container), nothing it
+    # creates is world-readable. Commands that read settings then apply the configured umask.
+    os.umask(Settings().umask_bits)
     _configure_logging(verbose, log_format)
 
 
