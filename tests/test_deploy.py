@@ -74,9 +74,14 @@ def test_systemd_unit_security_exposure_is_ok(unit_dir: Path, unit: str) -> None
     assert float(match[1]) <= MAX_EXPOSURE, f"{unit}: exposure {match[1]} {match[2]}\n{result.stdout}"
 
 
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
 @pytest.mark.parametrize("name", UNIT_NAMES)
 def test_systemd_unit_keeps_the_essentials(name: str) -> None:
-    """What the hardening score cannot see: umask, writable paths, a stop timeout above the grace time."""
+    """What the hardening score cannot see: umask, one writable tree for the drop folder and the work folder
+    (files move between them by rename(), which fails across mount points), a stop timeout above the grace time."""
     text = (UNITS / name).read_text()
     keys: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -85,13 +90,33 @@ def test_systemd_unit_keeps_the_essentials(name: str) -> None:
             keys.setdefault(key.strip(), []).append(value.strip())
     assert keys["UMask"] == ["0027"]
     assert keys["ProtectSystem"] == ["strict"]
-    assert "/data/incoming" in keys["ReadWritePaths"][0].split()
-    assert keys["StateDirectory"] == ["xraybatch"]  # /var/lib/xraybatch, writable under ProtectSystem=strict
+    writable = " ".join(keys["ReadWritePaths"]).split()
+    assert len(writable) == 1 and "StateDirectory" not in keys, "one writable mount point, or rename() fails"
+    drop_folder = keys["ExecStart"][0].split()[4]
+    workdir = next(v.split("=", 1)[1] for v in keys["Environment"] if v.startswith("XRAYBATCH_WORKDIR="))
+    assert _under(drop_folder, writable[0]) and _under(workdir, writable[0])
     assert keys["CapabilityBoundingSet"] == [""]
     assert keys["User"] == ["xraybatch"]
     grace = load_settings(environ={}).watch.grace_seconds
     assert int(keys["TimeoutStopSec"][0]) > grace
     assert keys["KillSignal"] == ["SIGTERM"]
+
+
+def test_compose_workers_share_one_volume_for_drop_and_work_folders() -> None:
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"db", "migrate", "worker-1", "worker-2", "receive", "pacs"} <= set(services)
+    for name in ("worker-1", "worker-2"):
+        service = services[name]
+        assert service["command"] == ["watch", "/data/incoming"]
+        targets = [v.split(":")[1] for v in service["volumes"]]
+        assert targets == ["/data"], targets  # /data/incoming and /data/work (the image's workdir) on one mount
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert service["environment"]["XRAYBATCH_DB_AUTO_UPGRADE"] == "false"
+        assert "postgresql" in service["environment"]["XRAYBATCH_DB_URL"]
+        assert service["restart"] == "unless-stopped"
+    assert "XRAYBATCH_WORKDIR=/data/work" in (ROOT / "deploy" / "Dockerfile").read_text()
 
 
 # -- Kubernetes --------------------------------------------------------------------------------------------
@@ -147,6 +172,10 @@ def test_k8s_manifests_fit_together() -> None:
                 assert ("ConfigMap", volume["configMap"]["name"]) in docs
         for container in pod["containers"]:
             assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            mounts = [m for m in container.get("volumeMounts", []) if m["name"] == "data"]
+            if doc["kind"] == "Deployment":  # drop folder and work folder on one mount, or rename() fails
+                assert [(m["mountPath"], m.get("subPath")) for m in mounts] == [("/data", None)]
+                assert _under(settings.workdir.as_posix(), "/data")
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
