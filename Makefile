@@ -7,7 +7,7 @@
 #   make image           xraybatch:VERSION with docker or podman, from a debootstrap base (cached)
 #   make image-test      run-folder and watch in the image with --network none, outputs and DB checked
 #   make stack-test      deploy/compose.yaml up (PostgreSQL, migration, 2 workers, Orthanc), a radiograph
-#                        C-STOREd in, its SR awaited in Orthanc, down
+#                        C-STOREd in, its SR awaited in Orthanc, down (builds the image only if absent)
 VENV    ?= .venv
 PYTHON  ?= python3.11
 PY      := $(VENV)/bin/python
@@ -16,7 +16,7 @@ DEMO_IN := demo-input
 DEMO_WD := xraybatch-data
 
 .PHONY: demo test install clean-demo wheels offline-layout offline-bundle offline-test base-image image \
-        image-test stack-images stack-test clean-deploy
+        image-test image-present stack-images stack-test clean-deploy
 
 install: $(STAMP)
 
@@ -82,12 +82,16 @@ image: base-image offline-layout
 image-test: image
 	bash deploy/image-test.sh $(ENGINE) $(IMAGE) $(PY)
 
+# The image as it is (`make image` rebuilds it): built only when absent, so that CI builds it once.
+image-present:
+	@$(ENGINE) image inspect $(IMAGE) >/dev/null 2>&1 || $(MAKE) image
+
 # PostgreSQL and Orthanc from Debian's packages on the same base (apt reaches Debian through the host network).
 stack-images: base-image
 	$(ENGINE) build --network host --build-arg BASE=$(BASE_IMAGE) -t xraybatch-postgres:$(VERSION) deploy/postgres
 	$(ENGINE) build --network host --build-arg BASE=$(BASE_IMAGE) -t xraybatch-pacs:$(VERSION) deploy/pacs
 
-stack-test: image stack-images
+stack-test: image-present stack-images
 	ENGINE=$(ENGINE) XRAYBATCH_VERSION=$(VERSION) bash deploy/stack-test.sh "$(COMPOSE)" $(PY)
 
 clean-deploy:

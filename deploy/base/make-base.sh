@@ -15,13 +15,13 @@ if "$engine" image inspect "$tag" >/dev/null 2>&1; then
 fi
 if [ ! -s "$tarball" ]; then
   command -v debootstrap >/dev/null || { echo "make-base.sh: needs debootstrap (apt-get install debootstrap)" >&2; exit 2; }
+  mkdir -p "$cache"
   root=$(mktemp -d)
   trap 'rm -rf "$root"' EXIT
   debootstrap --variant=minbase --include=python3,python3-venv,passwd,ca-certificates \
-    bookworm "$root" "$mirror" >"$cache.debootstrap.log" 2>&1 \
-    || { tail -20 "$cache.debootstrap.log" >&2; exit 1; }
+    bookworm "$root" "$mirror" >"$cache/debootstrap.log" 2>&1 \
+    || { tail -20 "$cache/debootstrap.log" >&2; exit 1; }
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/*
-  mkdir -p "$cache"
   tar --numeric-owner -C "$root" -cf "$tarball.tmp" .
   mv "$tarball.tmp" "$tarball"
 fi
