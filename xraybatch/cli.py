@@ -78,6 +78,7 @@ def settings_options(func: F) -> F:
             settings = load_settings(config_file, overrides)
         except XrayBatchError as err:
             raise click.ClickException(str(err)) from err
+        os.umask(settings.umask_bits)  # the configured umask replaces the default set in main()
         return func(*args, settings=settings, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -128,6 +129,9 @@ def main(verbose: int, log_format: str) -> None:
 
         xraybatch run-folder /data/incoming --workdir /var/lib/xraybatch
     """
+    # Results hold patient names: whatever started the process (a shell, systemd, a container), nothing it
+    # creates is world-readable. Commands that read settings then apply the configured umask.
+    os.umask(Settings().umask_bits)
     _configure_logging(verbose, log_format)
     os.environ[LOG_VARIABLE] = f"{verbose}:{log_format}"  # worker processes set up their logging the same way
 

@@ -11,7 +11,7 @@ Every field below carries its default and a comment. A TOML file uses the sectio
     url = "postgresql+psycopg://xraybatch@db/xraybatch"
 
 Environment variables are ``XRAYBATCH_<SECTION>_<FIELD>`` (``XRAYBATCH_DB_URL``, ``XRAYBATCH_EXPLAIN_MAX_FINDINGS``)
-and ``XRAYBATCH_WORKDIR``; lists are comma-separated. Unknown keys and values of the wrong type raise
+and ``XRAYBATCH_WORKDIR``, ``XRAYBATCH_UMASK``; lists are comma-separated. Unknown keys and values of the wrong type raise
 ``ConfigError`` at start-up, never at the first file.
 """
 
@@ -173,6 +173,7 @@ class Settings:
     """The whole configuration. Build it with :func:`load_settings`."""
 
     workdir: Path = Path("xraybatch-data")  # holds the SQLite DB, outbox/, inflight/, archive/, quarantine/
+    umask: str = "0027"  # octal umask the process sets at start-up: "0027" makes files 0640 and folders 0750
     ingest: IngestConfig = field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -192,14 +193,22 @@ class Settings:
         return f"sqlite:///{(self.workdir / 'xraybatch.sqlite').resolve()}"
 
     @property
+    def umask_bits(self) -> int:
+        """``umask`` as the integer ``os.umask`` takes."""
+        return int(self.umask, 8)
+
+    @property
     def outbox(self) -> Path:
         """Folder that receives the DICOM outputs."""
         return self.workdir / "outbox"
 
 
+_TOP_LEVEL = ("workdir", "umask")  # Settings fields that are plain values, not sections
+
+
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Settings)
-    return {name: hints[name] for name in hints if name != "workdir"}
+    return {name: hints[name] for name in hints if name not in _TOP_LEVEL}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -283,7 +292,12 @@ def _apply(base: Any, updates: Mapping[str, Any], where: str) -> Any:
 
 
 def _validate(obj: Any) -> None:
-    if isinstance(obj, PipelineConfig):
+    if isinstance(obj, Settings):
+        if not re.fullmatch(r"0?[0-7]{3}", obj.umask):
+            raise ConfigError(
+                f"umask must be three or four octal digits like \"0027\" (files 0640, folders 0750), got {obj.umask!r}"
+            )
+    elif isinstance(obj, PipelineConfig):
         if obj.batch_size < 1:
             raise ConfigError(f"[pipeline] batch_size must be >= 1, got {obj.batch_size}")
         if obj.decode_processes < 1:
@@ -364,8 +378,8 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX) :].lower()
-        if key == "workdir":
-            out["workdir"] = value
+        if key in _TOP_LEVEL:
+            out[key] = value
             continue
         for section, cls in sections.items():
             prefix = section + "_"
@@ -379,7 +393,7 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
             if key != "config":
                 raise ConfigError(
                     f"unknown environment variable {name}; use XRAYBATCH_<SECTION>_<FIELD> with a section "
-                    f"among {sorted(sections)} or XRAYBATCH_WORKDIR"
+                    f"among {sorted(sections)} or XRAYBATCH_WORKDIR / XRAYBATCH_UMASK"
                 )
     return out
 
@@ -452,7 +466,7 @@ def as_toml(settings: Settings) -> str:
         comment = _field_comments(type(obj)).get(name)
         return f"{name} = {fmt(getattr(obj, name))}" + (f"  # {comment}" if comment else "")
 
-    lines = [entry(settings, "workdir")]
+    lines = [entry(settings, name) for name in _TOP_LEVEL]
     for section in _section_types():
         sub = getattr(settings, section)
         lines += ["", f"[{section}]  # {(type(sub).__doc__ or '').strip()}"]
@@ -463,7 +477,6 @@ def as_toml(settings: Settings) -> str:
 def _field_comments(cls: type) -> dict[str, str]:
     """The trailing ``# comment`` of each field in a settings dataclass's source: its documentation."""
     import inspect
-    import re
 
     pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
     return {m[1]: m[2].strip() for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
