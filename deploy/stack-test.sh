@@ -35,7 +35,7 @@ for _ in $(seq 180); do
   healthy pacs && healthy receive && healthy worker-1 && healthy worker-2 && break
   sleep 1
 done
-for service in db pacs receive worker-1 worker-2 sender; do healthy "$service" || fail "$service is not healthy"; done
+for service in db pacs receive worker-1 worker-2; do healthy "$service" || fail "$service is not healthy"; done
 [ "$("$engine" inspect --format "{{.State.ExitCode}}" "$(c ps -q migrate)")" = 0 ] || fail "migration failed"
 echo "stack-test: stack up and healthy in $(( $(date +%s) - start )) s"
 

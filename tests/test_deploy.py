@@ -109,7 +109,7 @@ def test_compose_workers_share_one_volume_for_drop_and_work_folders() -> None:
     assert {"db", "migrate", "worker-1", "worker-2", "receive", "pacs"} <= set(services)
     for name in ("worker-1", "worker-2"):
         service = services[name]
-        assert service["command"] == ["watch", "/data/incoming"]
+        assert service["command"] == ["watch", "/data/incoming", "--send", "dicom://ORTHANC@pacs:4242"]
         targets = [v.split(":")[1] for v in service["volumes"]]
         assert targets == ["/data"], targets  # /data/incoming and /data/work (the image's workdir) on one mount
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -117,6 +117,9 @@ def test_compose_workers_share_one_volume_for_drop_and_work_folders() -> None:
         assert "postgresql" in service["environment"]["XRAYBATCH_DB_URL"]
         assert service["restart"] == "unless-stopped"
     assert "XRAYBATCH_WORKDIR=/data/work" in (ROOT / "deploy" / "Dockerfile").read_text()
+    receive = services["receive"]
+    assert receive["image"].startswith("xraybatch:") and receive["command"][:2] == ["receive", "/data/incoming"]
+    assert [v.split(":")[1] for v in receive["volumes"]] == ["/data"]  # writes into the workers' drop folder
 
 
 # -- Kubernetes --------------------------------------------------------------------------------------------

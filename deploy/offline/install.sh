@@ -19,14 +19,7 @@ mkdir -p "$prefix"
 # Only the wheels in this folder: no index, and no pip configuration of this machine that could name one.
 export PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 pip=("$prefix/venv/bin/python" -m pip install --quiet --no-index --find-links "$here/wheels")
-if [ -d "$here/src" ]; then
-  # Interim (see make-bundle.sh): the source, installed in place under PREFIX/src, keeps alembic/ beside it.
-  rm -rf "$prefix/src"
-  cp -a "$here/src" "$prefix/src"
-  "${pip[@]}" -r <(grep -v '^xraybatch==' "$here/requirements.txt") -e "$prefix/src"
-else
-  "${pip[@]}" -r "$here/requirements.txt"
-fi
+"${pip[@]}" -r "$here/requirements.txt"
 "$prefix/venv/bin/xraybatch" --version
 "$prefix/venv/bin/xraybatch" models list --verify >/dev/null
 echo "installed: $prefix/venv/bin/xraybatch (shipped models verified)"

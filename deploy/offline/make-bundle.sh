@@ -20,13 +20,6 @@ install -m 0755 "$here/install.sh" "$stage/$name/install.sh"
 install -m 0644 "$here/README.txt" "$stage/$name/README.txt"
 install -m 0644 "$repo/deploy/xraybatch.example.toml" "$stage/$name/xraybatch.example.toml"
 install -m 0644 "$repo"/deploy/systemd/*.service "$stage/$name/systemd/"
-# Interim, while the migrations lie outside the package (alembic/ at the top of the repository): the wheel
-# lacks them, so the source goes along and install.sh installs it in place (pip -e) from the same wheels.
-if [ -f "$repo/alembic/env.py" ]; then
-  mkdir "$stage/$name/src"
-  (cd "$repo" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-     pyproject.toml README.md alembic.ini alembic xraybatch training) | tar -xf - -C "$stage/$name/src"
-fi
 echo "xraybatch==$version" > "$stage/$name/requirements.txt"
 # The exact torch builds are whatever lies in wheels/.
 ls "$wheels" | sed -n 's/^\(torch\|torchvision\)-\([^-]*\)-.*\.whl$/\1==\2/p' >> "$stage/$name/requirements.txt"
