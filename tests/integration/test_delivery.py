@@ -9,6 +9,7 @@ import csv
 import io
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from xraybatch.settings import Settings, load_settings
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
 
 
 @pytest.fixture
@@ -315,3 +317,56 @@ def test_end_to_end_receive_watch_send_turns_a_cstore_into_sr_and_sc_in_the_pacs
         codes = [proc.wait(60) for proc in (watch, receive)]
         orthanc.stop()
     assert codes == [0, 0], watch.stdout.read() if watch.stdout else ""  # type: ignore[union-attr]
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A test CA and a server certificate for 127.0.0.1 signed by it (openssl): (ca.pem, server.pem, server.key)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=xraybatch test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return folder / "ca.pem", folder / "server.pem", folder / "server.key"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed: no test certificates")
+def test_dicoms_verifies_the_pacs_certificate_and_delivers_over_tls(tmp_path: Path, tiny_bundle: Path) -> None:
+    """dicoms:// to a TLS Storage SCP (pynetdicom): refused without the CA that signed it, delivered with it."""
+    import ssl
+
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    ca, cert, key = _tls_files(tmp_path / "tls")
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(str(cert), str(key))
+    scp = AE("SECUREPACS")
+    scp.supported_contexts = StoragePresentationContexts
+    scp.add_supported_context(PARAMETRIC_MAP)  # not among pynetdicom's 128 default storage contexts
+    server = scp.start_server(("127.0.0.1", 0), block=False, ssl_context=server_tls,
+                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        dest = f"dicoms://SECUREPACS@127.0.0.1:{server.server_address[1]}"
+        untrusted = _settings(tmp_path, tiny_bundle, maps=True)  # system CAs only: our test CA is unknown
+        _, sessions = _process(tmp_path, untrusted)
+        outputs = _outputs(sessions)
+        assert {"sc", "sr", "pm"} == set(outputs.values())  # JPEG, uncompressed and JPEG-LS objects
+        refused = deliver_pending(sessions, [dest], untrusted.delivery)
+        assert (refused.sent, refused.pending) == (0, len(outputs)) and refused.faults and received == []
+        trusted = _settings(tmp_path, tiny_bundle, maps=True, tls_ca_file=str(ca))
+        report = deliver_pending(sessions, [dest], trusted.delivery)
+        assert (report.sent, report.unsent) == (len(outputs), 0), [(r.state, r.reason) for r in _deliveries(sessions)]
+        assert Counter(received) == Counter(set(outputs))  # each output once, under its own SOP Instance UID
+    finally:
+        server.shutdown()

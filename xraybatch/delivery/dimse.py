@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
@@ -221,6 +221,8 @@ def _sendable(ds: Dataset, accepted: set[tuple[str, str]]) -> Dataset | None:
         return ds
     if not any((sop_class, u) in accepted for u in _UNCOMPRESSED):
         return None
+    if not UID(ts).is_compressed:
+        return ds  # pynetdicom encodes it in the accepted uncompressed syntax (an SR has no pixels to decompress)
     ds.decompress(generate_instance_uid=False)  # the same object: its SOP Instance UID must not change
     return ds
 
