@@ -120,6 +120,7 @@ def test_compose_workers_share_one_volume_for_drop_and_work_folders() -> None:
     receive = services["receive"]
     assert receive["image"].startswith("xraybatch:") and receive["command"][:2] == ["receive", "/data/incoming"]
     assert [v.split(":")[1] for v in receive["volumes"]] == ["/data"]  # writes into the workers' drop folder
+    assert receive["environment"]["XRAYBATCH_RECEIVE_ADDRESS"] == "0.0.0.0"  # reachable through the published port
 
 
 # -- Kubernetes --------------------------------------------------------------------------------------------
