@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +37,12 @@ def exit_when_parent_dies(parent_pid: int, signum: int = signal.SIGKILL) -> None
 
     def watch() -> None:
         while True:
-            if os.getppid() != parent_pid and not _alive(parent_pid):
+            if os.getppid() != parent_pid and not process_alive(parent_pid):
                 os.kill(os.getpid(), signum)
                 return
             threading.Event().wait(_CHECK_SECONDS)
 
-    if not _alive(parent_pid):
+    if not process_alive(parent_pid):
         os.kill(os.getpid(), signum)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -57,7 +59,8 @@ def die_with_parent(parent_pid: int) -> None:
     exit_when_parent_dies(parent_pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -73,3 +76,20 @@ def kill_group(pgid: int, signum: int = signal.SIGKILL) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def install_stop_handlers(handler: Callable[[int, Any], None]) -> Callable[[], None]:
+    """Handle SIGTERM and SIGINT with ``handler`` (main thread only); returns a function restoring the old ones.
+
+    The handler sets a stop event instead of raising ``KeyboardInterrupt`` at an arbitrary point (inside a
+    database driver's callback, say), so a signal is never swallowed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+    return restore

@@ -43,6 +43,7 @@ from xraybatch.db.tables import WATCH_SOURCE
 from xraybatch.domain import Outcome, State, file_ref, path_to_db
 from xraybatch.errors import PersistError
 from xraybatch.files import fsync_dir
+from xraybatch.lifetime import install_stop_handlers
 from xraybatch.metrics import WorkerMetrics
 from xraybatch.pipeline import Processor
 from xraybatch.settings import Settings
@@ -116,15 +117,7 @@ class QueueWorker:
 
     def install_signal_handlers(self) -> Callable[[], None]:
         """Handle SIGTERM/SIGINT with :meth:`_on_signal`; returns a function that restores the old handlers."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-
-        return restore
+        return install_stop_handlers(self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler must not take locks the interrupted main thread may hold (logging's, the stop

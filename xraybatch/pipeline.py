@@ -47,6 +47,7 @@ from xraybatch.errors import (
     WriteBackError,
     XrayBatchError,
 )
+from xraybatch.lifetime import install_stop_handlers
 from xraybatch.settings import IngestConfig, PreprocessConfig, Settings
 
 if TYPE_CHECKING:
@@ -643,15 +644,7 @@ class _Supervisor:
         self.signal_received: int | None = None
 
     def install(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-
-        return restore
+        return install_stop_handlers(self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.signal_received is not None:

@@ -31,6 +31,7 @@ from xraybatch.db.repo import _header_columns, _insert_for
 from xraybatch.db.session import guard
 from xraybatch.db.tables import LIVE_STATES, WATCH_SOURCE, Instance, Worker, utcnow
 from xraybatch.domain import InstanceHeader, Outcome, State, path_from_db
+from xraybatch.lifetime import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -237,17 +238,7 @@ def _dead_local(owner: str | None, worker_id: str) -> bool:
         pid = int(owner.split(":")[1])
     except (IndexError, ValueError):
         return False  # not written by a watch worker
-    return pid == os.getpid() or not _process_alive(pid)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or not process_alive(pid)
 
 
 def return_to_incoming(
