@@ -85,6 +85,7 @@ def resolve_config(data: Path, config_file: Path | None, flags: Mapping[str, Any
 
     values: dict[str, Any] = {}
     augment: dict[str, Any] = {}
+    reencode: dict[str, Any] = {}
     for path in (base_file, config_file):
         if path is None:
             continue
@@ -93,6 +94,7 @@ def resolve_config(data: Path, config_file: Path | None, flags: Mapping[str, Any
         except tomllib.TOMLDecodeError as err:
             raise click.ClickException(f"{path} is not valid TOML: {err}") from err
         augment.update(table.pop("augment", {}))
+        reencode.update(table.pop("reencode", {}))
         values.update(table)
     if flags.get("hflip") is not None:
         augment["hflip"] = flags["hflip"]
@@ -100,6 +102,8 @@ def resolve_config(data: Path, config_file: Path | None, flags: Mapping[str, Any
     values["data"] = str(data)
     if augment:
         values["augment"] = augment
+    if reencode:
+        values["reencode"] = reencode
     try:
         return TrainConfig.from_dict(values)
     except (TypeError, ValueError) as err:

@@ -14,9 +14,9 @@ Layouts
     (path relative to ``ROOT``), an optional ``patient_id`` column (default: the file's PatientID), and either
     one column per target (0/1) or a ``label`` column (0/1, or ``NORMAL``/``PNEUMONIA`` for the binary task).
 
-Every image, JPEG, PNG or DICOM, goes through :func:`xraybatch.preprocess.from_8bit` (8-bit pictures) or
-:func:`xraybatch.preprocess.to_display` (DICOM, decoded by :mod:`xraybatch.ingest` as in the pipeline), then :func:`xraybatch.preprocess.to_model_input`: exactly the
-functions inference runs. :func:`load_inputs` caches the resulting float32 model inputs in ``cache_dir`` as one
+Every image, JPEG, PNG or DICOM, goes through :func:`xraybatch.preprocess.model_input_8bit` (8-bit pictures) or
+:func:`xraybatch.preprocess.model_input` (DICOM, decoded by :mod:`xraybatch.ingest` as in the pipeline), with the
+bundle's :class:`~xraybatch.models.registry.ModelPreprocess`: exactly the functions inference runs. :func:`load_inputs` caches the resulting float32 model inputs in ``cache_dir`` as one
 ``.npy`` per (file list, preprocessing settings, size), so epochs never decode an image twice.
 """
 
@@ -35,8 +35,9 @@ import numpy as np
 
 from xraybatch.domain import XrayImage
 from xraybatch.models.findings import BINARY_TARGETS, NIH_TARGETS, NO_FINDING
-from xraybatch.preprocess import from_8bit, to_display, to_model_input
-from xraybatch.settings import PreprocessConfig
+from xraybatch.models.registry import ModelPreprocess
+from xraybatch.preprocess import model_input as dicom_model_input
+from xraybatch.preprocess import model_input_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ LAYOUTS = ("kermany", "nih", "dicom")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 KERMANY_CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
-CACHE_VERSION = 1  # bump when the way inputs are produced changes, to invalidate old caches
+CACHE_VERSION = 2  # bump when the way inputs are produced changes, to invalidate old caches
 
 _PERSON = re.compile(r"^person(\d+)_", re.IGNORECASE)
 _IM = re.compile(r"^(?:NORMAL2-)?IM-(\d+)-", re.IGNORECASE)
@@ -290,17 +291,15 @@ def is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def model_input(path: Path, cfg: PreprocessConfig, size: tuple[int, int]) -> np.ndarray:
+def model_input(path: Path, cfg: ModelPreprocess, size: tuple[int, int]) -> np.ndarray:
     """One file -> the float32 (H, W) model input, through the inference preprocessing functions."""
     if is_dicom(path):
-        display = to_display(_read_dicom(path), cfg)
-    else:
-        from PIL import Image
+        return dicom_model_input(_read_dicom(path), cfg, size).pixels
+    from PIL import Image
 
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("L"))
-        display = from_8bit(pixels, cfg)
-    return to_model_input(display, size).pixels
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("L"))
+    return model_input_8bit(pixels, cfg, size).pixels
 
 
 def _read_dicom(path: Path) -> XrayImage:
@@ -316,7 +315,7 @@ def _read_dicom(path: Path) -> XrayImage:
         raise ValueError(f"{path}: {err}") from err
 
 
-def cache_key(images: ImageSet, cfg: PreprocessConfig, size: tuple[int, int]) -> str:
+def cache_key(images: ImageSet, cfg: ModelPreprocess, size: tuple[int, int]) -> str:
     """A hash of the file contents, the preprocessing settings and the size: names one cache file."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"v": CACHE_VERSION, "pre": asdict(cfg), "size": list(size)}).encode())
@@ -327,7 +326,7 @@ def cache_key(images: ImageSet, cfg: PreprocessConfig, size: tuple[int, int]) ->
 
 def load_inputs(
     images: ImageSet,
-    cfg: PreprocessConfig,
+    cfg: ModelPreprocess,
     size: tuple[int, int],
     cache_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -366,7 +365,7 @@ class StreamedInputs:
     reads it through :func:`iter_batches`, which decodes in DataLoader worker processes.
     """
 
-    def __init__(self, images: ImageSet, cfg: PreprocessConfig, size: tuple[int, int]) -> None:
+    def __init__(self, images: ImageSet, cfg: ModelPreprocess, size: tuple[int, int]) -> None:
         self.paths = [s.path for s in images.samples]
         self.cfg = cfg
         self.size = size

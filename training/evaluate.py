@@ -367,8 +367,8 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
         f"{prov['images']['train']} train / {prov['images']['val']} validation images; patients and byte-identical "
         f"duplicates never cross sides. Manifest: `{prov['split_manifest']}` (one row per file with sha256)."),
         counts,
-        (f"- Preprocessing: {meta['preprocessing']} through `xraybatch.preprocess.from_8bit` and "
-        "`to_model_input`, the same functions inference runs."),
+        (f"- Preprocessing (binding at inference): {meta['preprocessing']}, through "
+        "`xraybatch.preprocess.model_input_8bit` / `model_input`, the functions inference runs."),
         "",
         "## How it was trained",
         f"- Command: `{prov['command']}`",
@@ -510,15 +510,11 @@ def evaluate_bundle(
     from xraybatch.domain import ModelInput
     from xraybatch.infer import Predictor, set_threads
     from xraybatch.models.registry import read_bundle
-    from xraybatch.settings import PreprocessConfig
 
     spec = read_bundle(bundle)
     set_threads(threads)
     predictor = Predictor(spec)
-    pre_values = {k: v for k, v in spec.meta.get("preprocessing", {}).items() if k != "function"}
-    if "percentile_window" in pre_values:
-        pre_values["percentile_window"] = tuple(pre_values["percentile_window"])
-    preprocess = PreprocessConfig(**pre_values)
+    preprocess = spec.preprocess
     if split == "manifest-val":
         prov = spec.meta.get("provenance", {})
         images = scan(data, layout if layout != "auto" else prov.get("layout", "auto"), prov.get("split", "train"))

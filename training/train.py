@@ -47,13 +47,12 @@ from training.evaluate import (
 from training.losses import SAMPLING, WeightedFocalLoss, class_weights, epoch_indices, repeat_factors
 from training.pretrained import load_initial_weights
 from training.splits import MANIFEST_NAME, Split, patient_split, write_manifest
-from training.transforms import AugmentConfig, augment
+from training.transforms import AugmentConfig, ReencodeConfig, augment, reencode_batch
 from xraybatch.domain import ModelInput
 from xraybatch.infer import Predictor, to_tensor
 from xraybatch.models.findings import NO_FINDING
 from xraybatch.models.nets import XrayNet, build_network
-from xraybatch.models.registry import InputSpec, read_bundle, write_model_json
-from xraybatch.settings import PreprocessConfig
+from xraybatch.models.registry import InputSpec, ModelPreprocess, read_bundle, write_model_json
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +74,10 @@ class TrainConfig:
     architecture_args: Mapping[str, Any] = field(default_factory=dict)  # constructor kwargs (widths, dropout)
     init: str = "imagenet"  # imagenet | none | PATH to a weights file (see training.pretrained)
     input_size: int = 224  # model input is input_size x input_size (Kermany train images are 224x224)
+    contrast: str = "equalise"  # model input contrast (ModelPreprocess): equalise (encoding-invariant) | display
     freeze: int = 4  # leading modules of net.features kept frozen (EfficientNet: stem + 3 stages); 0 = none
     # optimisation
-    epochs: int = 14  # maximum number of epochs
+    epochs: int = 10  # maximum number of epochs
     batch_size: int = 32  # images per step
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -93,7 +93,8 @@ class TrainConfig:
     lr_factor: float = 0.3  # ReduceLROnPlateau: multiply lr by this when validation loss stalls
     lr_patience: int = 1  # ... for this many epochs
     min_lr: float = 1e-6  # lr floor
-    early_stop_patience: int = 4  # stop after this many epochs without a better validation AUROC
+    early_stop_patience: int = 3  # stop after this many epochs without a better validation AUROC
+    reencode: ReencodeConfig = field(default_factory=ReencodeConfig)  # bit depth, polarity, window, JPEG, noise
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # rotation, shift, zoom, brightness, flip
     # operating point and calibration
     min_recall: float = 0.97  # binary: Pneumonia recall >= this, then best Normal recall; multilabel: recall
@@ -112,7 +113,7 @@ class TrainConfig:
     checkpoint_dir: str = ""  # last.pt / best.pt; empty = CACHE_DIR/checkpoints/<bundle folder name>
     # bundle
     name: str = "xraybatch-pneumonia"  # model id in the DB and the DICOM outputs
-    version: str = "1.0.0"
+    version: str = "2.0.0"
     task: str = "binary"  # binary (one target, Pneumonia) | multilabel (NIH: 14 findings + No Finding)
 
     def __post_init__(self) -> None:
@@ -152,6 +153,8 @@ class TrainConfig:
         values = dict(values)
         if "augment" in values and isinstance(values["augment"], Mapping):
             values["augment"] = AugmentConfig(**values["augment"])
+        if "reencode" in values and isinstance(values["reencode"], Mapping):
+            values["reencode"] = ReencodeConfig(**values["reencode"])
         if "extra_eval" in values:
             values["extra_eval"] = tuple(values["extra_eval"])
         return cls(**values)
@@ -297,6 +300,11 @@ class FitResult:
     device: torch.device
 
 
+def model_preprocess(cfg: TrainConfig) -> ModelPreprocess:
+    """The bundle's binding preprocessing (recorded in model.json; inference makes its inputs the same way)."""
+    return ModelPreprocess(contrast=cfg.contrast)
+
+
 def prepare_data(cfg: TrainConfig) -> tuple[ImageSet, Split, np.ndarray | StreamedInputs]:
     """Scan the data, split it by patient and load the cached model inputs (or stream them, for large sets)."""
     images = scan(cfg.data, cfg.layout, cfg.split)
@@ -304,8 +312,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[ImageSet, Split, np.ndarray | Stream
     size = (cfg.input_size, cfg.input_size)
     if cfg.loader == "stream" or (cfg.loader == "auto" and len(images.samples) > cfg.stream_above):
         logger.info("streaming %d images through %d DataLoader workers", len(images.samples), cfg.workers)
-        return images, split, StreamedInputs(images, PreprocessConfig(), size)
-    inputs = load_inputs(images, PreprocessConfig(), size, Path(cfg.cache_dir) if cfg.cache_dir else None)
+        return images, split, StreamedInputs(images, model_preprocess(cfg), size)
+    inputs = load_inputs(images, model_preprocess(cfg), size, Path(cfg.cache_dir) if cfg.cache_dir else None)
     return images, split, inputs
 
 
@@ -404,7 +412,8 @@ def fit(
         reporter.epoch_start(epoch, cfg.epochs, len(batches))
         set_train_mode(net, cfg.freeze)
         total, seen, correct = 0.0, 0, 0
-        for idx, pixels in iter_batches(inputs, batches, workers, pin_memory=device.type == "cuda"):
+        for step, (idx, pixels) in enumerate(iter_batches(inputs, batches, workers, pin_memory=device.type == "cuda")):
+            pixels = reencode_batch(pixels, cfg.reencode, np.random.default_rng([cfg.seed, epoch, step]))
             views = augment(torch.as_tensor(pixels)[:, None], cfg.augment, generator)
             x = to_tensor(list(views[:, 0].numpy()), spec).to(device, non_blocking=True)
             y = torch.from_numpy(labels[idx]).to(device)
@@ -506,7 +515,7 @@ def binary_operating_point(out: Path, cfg: TrainConfig, net: XrayNet, images: Im
             continue
         if {s.path for s in other.samples} & {s.path for s in images.samples}:
             continue  # the same folder (e.g. a data root that is itself one split)
-        other_inputs = load_inputs(other, PreprocessConfig(), spec.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
+        other_inputs = load_inputs(other, model_preprocess(cfg), spec.size, Path(cfg.cache_dir) if cfg.cache_dir else None)
         p = sigmoid(predict_logits(net, other_inputs, range(len(other.samples)), spec, device)[:, 0] / temperature)
         y = other.labels()[:, 0]
         if len(set(y.tolist())) == 2:
@@ -611,7 +620,7 @@ def export_bundle(
         "thresholds": point.thresholds,
         "temperature": [temperature] * len(images.targets),
         "input": {"size": list(spec.size), "channels": spec.channels, "mean": list(spec.mean), "std": list(spec.std)},
-        "preprocessing": asdict(PreprocessConfig()) | {"function": "xraybatch.preprocess.from_8bit + to_model_input"},
+        "preprocessing": model_preprocess(cfg).to_meta(),
         "weights": {"file": weights_file},
         "provenance": {
             "data": str(cfg.data),

@@ -48,6 +48,7 @@ from xraybatch.errors import (
     XrayBatchError,
 )
 from xraybatch.lifetime import install_stop_handlers
+from xraybatch.models.registry import ModelPreprocess
 from xraybatch.settings import IngestConfig, PreprocessConfig, Settings
 
 if TYPE_CHECKING:
@@ -92,17 +93,21 @@ class _Prepared:
     received_path: Path
     image: XrayImage
     display: DisplayImage
-    inputs: dict[tuple[int, int], ModelInput]  # one per distinct model input size
+    inputs: dict[tuple[ModelPreprocess, tuple[int, int]], ModelInput]  # one per distinct (preprocessing, size)
     timings: dict[str, float]
 
 
-def _decode(header: InstanceHeader, cfg: PreprocessConfig, sizes: Sequence[tuple[int, int]]) -> _Prepared:
-    """Decode and preprocess one file; runs in a worker process when ``decode_processes`` > 1."""
+def _decode(header: InstanceHeader, cfg: PreprocessConfig,
+            plans: Sequence[tuple[ModelPreprocess, tuple[int, int]]]) -> _Prepared:
+    """Decode and preprocess one file; runs in a worker process when ``decode_processes`` > 1.
+
+    The display image follows the site's ``[preprocess]``; each model input follows its bundle (``plans``).
+    """
     clock = _Clock()
     image = ingest.read(header)
     clock.lap("decode")
     display = preprocess.to_display(image, cfg)
-    inputs = {size: preprocess.to_model_input(display, size) for size in sizes}
+    inputs = preprocess.model_inputs(image, list(plans))
     clock.lap("preprocess")
     return _Prepared(-1, header.path, image, display, inputs, clock.timings)
 
@@ -203,7 +208,7 @@ class Processor:
         self.sessions = sessions
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"  # who claims; finish checks it
         self.model_set = ",".join(sorted(p.spec.model_id for p in self.predictors))
-        self._sizes = sorted({p.spec.input.size for p in self.predictors})
+        self._plans = list(dict.fromkeys((p.spec.preprocess, p.spec.input.size) for p in self.predictors))
         self._pool: ProcessPoolExecutor | None = None
 
     @classmethod
@@ -222,10 +227,11 @@ class Processor:
         """
         from xraybatch.db import repo, session
         from xraybatch.infer import Predictor, set_threads
-        from xraybatch.models.registry import find_bundles
+        from xraybatch.models.registry import check_preprocessing, find_bundles
 
         set_threads(settings.model.threads)
         specs = find_bundles(settings.model.bundles)
+        check_preprocessing(settings.preprocess, specs)
         predictors = [Predictor(spec) for spec in specs]
         url = settings.db_url
         if url.startswith("sqlite"):
@@ -271,7 +277,7 @@ class Processor:
                 initializer=die_with_parent, initargs=(os.getpid(),),
             )
         if self._pool is not None and len(admitted) > 1:
-            futures = [self._pool.submit(_decode, a.header, cfg.preprocess, self._sizes) for a in admitted]
+            futures = [self._pool.submit(_decode, a.header, cfg.preprocess, self._plans) for a in admitted]
             results: list[Any] = []
             for future in futures:
                 try:
@@ -282,7 +288,7 @@ class Processor:
             results = []
             for a in admitted:
                 try:
-                    results.append(_decode(a.header, cfg.preprocess, self._sizes))
+                    results.append(_decode(a.header, cfg.preprocess, self._plans))
                 except Exception as err:  # noqa: BLE001 - judged below
                     results.append(err)
         prepared: list[_Prepared | Outcome] = []
@@ -374,8 +380,8 @@ class Processor:
         features = []
         per_model = []
         for predictor in self.predictors:
-            size = predictor.spec.input.size
-            feats = predictor.forward([item.inputs[size] for item in ready])
+            plan = (predictor.spec.preprocess, predictor.spec.input.size)
+            feats = predictor.forward([item.inputs[plan] for item in ready])
             features.append(feats)
             per_model.append(predictor.to_predictions(feats))
         infer_each = (time.perf_counter() - start) / len(ready)

@@ -1,10 +1,21 @@
-"""Stored pixel values -> display image in [0, 1] -> model input. Shared by inference and training.
+"""Stored pixel values -> display image in [0, 1] (for people) and model input (for the networks).
 
-The order follows PS3.3 C.7.6.3.1 and C.11: Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence),
-then VOI LUT (VOI LUT Sequence or Window Center/Width; a robust percentile window when the file has neither),
-then MONOCHROME1 inversion *after* VOI, so that bone is bright in every display image. Resampling to the
-model's input uses SimpleITK: a ``BinShrink`` by the integer factor (an average, so no aliasing) and a linear
-resample to the exact size. :func:`to_model_input` is the one function training calls on its images too.
+Two paths leave the decoded pixels:
+
+* **Display** (:func:`to_display`, shown in the Secondary Capture). The order follows PS3.3 C.7.6.3.1 and C.11:
+  Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence), then VOI LUT (VOI LUT Sequence or Window
+  Center/Width; a robust percentile window when the file has neither), then MONOCHROME1 inversion *after* VOI, so
+  that bone is bright in every display image.
+* **Model input** (:func:`model_input`, what a bundle's network sees), by the bundle's
+  :class:`~xraybatch.models.registry.ModelPreprocess`. With ``contrast = "equalise"`` the modality values, in
+  bone-bright order, are rank-equalised (:func:`equalise`). Bit depth, MONOCHROME1/2, rescale slope/intercept and
+  a VOI window or LUT are all monotonic maps of the same picture, and a rank transform is blind to them: the
+  network gets the same input for every such encoding, however the file asks to be windowed for display. The
+  window is therefore not applied on this path (it can only clip, and a clipped copy would differ).
+
+Resampling to the model's input uses SimpleITK: a ``BinShrink`` by the integer factor (an average, so no
+aliasing) and a linear resample to the exact size. Training calls :func:`model_input_8bit` and
+:func:`model_input` on its images, so a network sees the same pixels in training and in production.
 """
 
 from __future__ import annotations
@@ -19,7 +30,10 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from xraybatch.domain import DisplayImage, ModelInput, XrayImage
 from xraybatch.errors import InvalidInputError
 from xraybatch.logs import mask_exception_text
+from xraybatch.models.registry import ModelPreprocess
 from xraybatch.settings import PreprocessConfig
+
+_LUT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +77,7 @@ def to_display(image: XrayImage, cfg: PreprocessConfig) -> DisplayImage:
             windowed = values
             low, high = percentile_window(values, cfg)
             notes.append(f"no VOI in file: percentile window {cfg.percentile_window[0]}-{cfg.percentile_window[1]}")
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as err:
+    except _LUT_ERRORS as err:
         detail = mask_exception_text(f"{type(err).__name__}: {err}")[:200]  # pydicom quotes the values it rejects
         raise InvalidInputError(f"modality/VOI LUT attributes are unusable: {detail}") from err
     display = _normalise(windowed, low, high)
@@ -147,3 +161,107 @@ def from_8bit(pixels: np.ndarray, cfg: PreprocessConfig) -> DisplayImage:
         raise ValueError(f"expected a 2-D grayscale or 3-D colour array, got shape {pixels.shape}")
     low, high = percentile_window(pixels, cfg)
     return DisplayImage(pixels=_normalise(pixels, low, high), notes=("percentile window",))
+
+
+# -- model input -------------------------------------------------------------------------------------------
+
+
+def equalise(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Rank (histogram) equalisation: each value becomes the midpoint of its cumulative share, in (0, 1).
+
+    Equal values share one output and the order of distinct values is all that counts, so any strictly
+    increasing map of ``values`` gives the same result. ``weights`` (optional, same shape) counts each value
+    that many times: :func:`equalised_values` passes one entry per distinct stored value with its pixel count.
+    """
+    flat = np.asarray(values).ravel()
+    distinct, inverse = np.unique(flat, return_inverse=True)
+    counts = np.bincount(inverse, weights=None if weights is None else np.asarray(weights, np.float64).ravel(),
+                         minlength=len(distinct)).astype(np.float64)
+    total = counts.sum()
+    if len(distinct) < 2 or not total > 0:
+        raise InvalidInputError("the image has no contrast (all pixels map to one value)")
+    midpoints = (np.cumsum(counts) - counts / 2.0) / total
+    return midpoints[inverse].reshape(np.shape(values)).astype(np.float32)
+
+
+def equalised_values(image: XrayImage) -> np.ndarray:
+    """Modality values of ``image`` in bone-bright order, rank-equalised, in the source geometry (float32).
+
+    Integer stored values (every radiograph we accept) are counted per distinct value with ``np.bincount``; only
+    those few thousand values go through the Modality LUT and the sort, then one table lookup maps every pixel.
+
+    Raises
+    ------
+    InvalidInputError
+        When the image is constant or its Modality LUT attributes are unusable.
+    """
+    return equalised_stored(image.pixels, image.dataset, image.header.photometric_interpretation == "MONOCHROME1")
+
+
+def equalised_stored(stored: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
+    """:func:`equalised_values` for stored values and the dataset that holds their Modality LUT attributes.
+
+    ``invert`` (MONOCHROME1) reverses the order, so that bone is bright. Training's re-encoding augmentation
+    calls this with the stored values it made, so those go through the inference code too.
+    """
+    try:
+        if np.issubdtype(stored.dtype, np.integer) and int(stored.max()) - int(stored.min()) < 1 << 20:
+            low = int(stored.min())
+            levels = (stored.astype(np.int64) - low) if low else stored.astype(np.intp, copy=False)
+            counts = np.bincount(levels.ravel())
+            present = np.flatnonzero(counts)
+            values = np.asarray(apply_modality_lut((present + low).astype(stored.dtype), ds), dtype=np.float64)
+            ranks = equalise(-values if invert else values, counts[present])
+            table = np.zeros(len(counts), dtype=np.float32)
+            table[present] = ranks
+            return table[levels]
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        return equalise(-values if invert else values)
+    except _LUT_ERRORS as err:
+        detail = mask_exception_text(f"{type(err).__name__}: {err}")[:200]
+        raise InvalidInputError(f"modality LUT attributes are unusable: {detail}") from err
+
+
+def model_input(image: XrayImage, pre: ModelPreprocess, size: tuple[int, int]) -> ModelInput:
+    """The model input of ``image`` for a bundle with preprocessing ``pre`` and input ``size`` (height, width)."""
+    if pre.contrast == "equalise":
+        pixels = equalised_values(image)
+        return _resampled(pixels, size)
+    display = to_display(image, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut))
+    return to_model_input(display, size)
+
+
+def model_inputs(image: XrayImage, plans: list[tuple[ModelPreprocess, tuple[int, int]]]) -> dict[
+        tuple[ModelPreprocess, tuple[int, int]], ModelInput]:
+    """One model input per distinct (preprocessing, size) of the loaded bundles; each contrast is made once."""
+    full: dict[ModelPreprocess, np.ndarray] = {}
+    out: dict[tuple[ModelPreprocess, tuple[int, int]], ModelInput] = {}
+    for pre, size in plans:
+        if pre not in full:
+            if pre.contrast == "equalise":
+                full[pre] = equalised_values(image)
+            else:
+                full[pre] = to_display(image, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)).pixels
+        out[(pre, size)] = _resampled(full[pre], size)
+    return out
+
+
+def model_input_8bit(pixels: np.ndarray, pre: ModelPreprocess, size: tuple[int, int]) -> ModelInput:
+    """The model input of an 8-bit grayscale or RGB picture (JPEG/PNG training data), as :func:`model_input`.
+
+    The picture is treated as MONOCHROME2 stored values without LUTs, so it gives exactly the input of the
+    same picture stored as a DICOM file in any bit depth, polarity or window.
+    """
+    if pixels.ndim == 3:
+        pixels = pixels[..., :3].mean(axis=2)
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale or 3-D colour array, got shape {pixels.shape}")
+    if pre.contrast == "equalise":
+        return _resampled(equalise(pixels), size)
+    return to_model_input(from_8bit(pixels, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)), size)
+
+
+def _resampled(pixels: np.ndarray, size: tuple[int, int]) -> ModelInput:
+    out = resample(pixels, size)
+    np.clip(out, 0.0, 1.0, out=out)
+    return ModelInput(pixels=out, source_shape=(pixels.shape[0], pixels.shape[1]))

@@ -54,10 +54,16 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How stored pixel values become the [0, 1] display image the models see."""
+    """How stored pixel values become the [0, 1] display image of the Secondary Capture.
 
-    percentile_window: tuple[float, float] = (0.5, 99.5)  # robust window when the file has no VOI
+    The model input is not set here: each bundle's ``model.json`` fixes its own (binding; see
+    :class:`xraybatch.models.registry.ModelPreprocess`). ``contrast``, when set, states what the site expects of
+    every bundle; a bundle made otherwise stops the start-up with a message that names both.
+    """
+
+    percentile_window: tuple[float, float] = (0.5, 99.5)  # display window when the file has no VOI
     prefer_voi_lut: bool = True  # use a VOI LUT Sequence over Window Center/Width when both exist
+    contrast: str = ""  # model input contrast every bundle must use ("equalise" | "display"); empty = no demand
 
 
 @dataclass(frozen=True)
@@ -309,6 +315,8 @@ def _validate(obj: Any) -> None:
         raise ConfigError(f"[explain] max_findings must be >= 0, got {obj.max_findings}")
     elif isinstance(obj, PreprocessConfig):
         low, high = obj.percentile_window
+        if obj.contrast not in ("", "equalise", "display"):
+            raise ConfigError(f"[preprocess] contrast must be 'equalise' or 'display' (or empty), got {obj.contrast!r}")
         if not 0.0 <= low < high <= 100.0:
             raise ConfigError(
                 f"[preprocess] percentile_window must be two percentiles 0 <= low < high <= 100, got {low, high}"

@@ -27,6 +27,9 @@ batch_size = 8
 lr = 0.003
 val_fraction = 0.3
 threads = 1
+
+[reencode]
+probability = 0.0
 """
 
 

@@ -13,7 +13,7 @@
       "thresholds": {"Pneumonia": 0.5},         # per-target operating threshold on the probability
       "temperature": [1.0],                     # optional per-target calibration: sigmoid(logit / T)
       "input": {"size": [224, 224], "channels": 1, "mean": [0.0], "std": [1.0]},
-      "preprocessing": {...},                   # PreprocessConfig values used in training, for the record
+      "preprocessing": {"contrast": "equalise"},  # how pixels become the model input: binding (ModelPreprocess)
       "weights": {"file": "weights.safetensors", "sha256": "..."},
       "provenance": {...},                      # training data, split manifest, command, git revision
       "metrics": {...}                          # validation metrics
@@ -58,6 +58,55 @@ class InputSpec:
             raise ValueError(f"input size must be at least 16x16, got {self.size}")
 
 
+CONTRAST_METHODS = ("equalise", "display")
+
+
+@dataclass(frozen=True)
+class ModelPreprocess:
+    """How a bundle's model input is made from the decoded pixels: recorded in ``model.json``, binding at inference.
+
+    ``equalise``: the modality values, in bone-bright order, rank-equalised (each distinct value becomes the
+    midpoint of its cumulative share of pixels), then resampled. A rank transform ignores every monotonic
+    re-encoding of the same picture (bit depth, MONOCHROME1/2, rescale slope/intercept, a VOI window or LUT
+    that does not clip), so every encoding reaches the network as the same input.
+    ``display``: the display image (the file's VOI, or a percentile window where it has none), as bundles of
+    format 1 were trained; ``percentile_window`` and ``prefer_voi_lut`` belong to it only.
+    """
+
+    contrast: str = "equalise"
+    percentile_window: tuple[float, float] = (0.5, 99.5)
+    prefer_voi_lut: bool = True
+
+    def __post_init__(self) -> None:
+        if self.contrast not in CONTRAST_METHODS:
+            raise ValueError(f"preprocessing contrast must be one of {CONTRAST_METHODS}, got {self.contrast!r}")
+        low, high = self.percentile_window
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"preprocessing percentile_window must be 0 <= low < high <= 100, got {low, high}")
+
+    @classmethod
+    def from_meta(cls, values: dict[str, Any]) -> ModelPreprocess:
+        """From ``model.json``'s ``preprocessing``; a block without ``contrast`` is a format-1 bundle (display)."""
+        return cls(
+            contrast=str(values.get("contrast", "display")),
+            percentile_window=tuple(float(v) for v in values.get("percentile_window", (0.5, 99.5))),  # type: ignore[arg-type]
+            prefer_voi_lut=bool(values.get("prefer_voi_lut", True)),
+        )
+
+    def to_meta(self) -> dict[str, Any]:
+        """The ``preprocessing`` block of ``model.json``: every parameter, and the functions that apply them."""
+        if self.contrast == "equalise":
+            return {"contrast": "equalise", "function": "xraybatch.preprocess.model_input"}
+        return {"contrast": "display", "percentile_window": list(self.percentile_window),
+                "prefer_voi_lut": self.prefer_voi_lut, "function": "xraybatch.preprocess.model_input"}
+
+    def describe(self) -> str:
+        if self.contrast == "equalise":
+            return "contrast = 'equalise'"
+        return (f"contrast = 'display', percentile_window = {list(self.percentile_window)}, "
+                f"prefer_voi_lut = {str(self.prefer_voi_lut).lower()}")
+
+
 @dataclass(frozen=True)
 class BundleSpec:
     """A parsed ``model.json``; weights are loaded by :mod:`xraybatch.infer`."""
@@ -74,6 +123,7 @@ class BundleSpec:
     input: InputSpec
     weights_file: Path
     sha256: str
+    preprocess: ModelPreprocess = field(default_factory=ModelPreprocess)  # binding: how pixels become the input
     meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the whole model.json
 
     @property
@@ -132,6 +182,7 @@ def read_bundle(path: Path | str) -> BundleSpec:
             thresholds=thresholds,
             temperature=temperature,
             input=spec,
+            preprocess=ModelPreprocess.from_meta(dict(meta.get("preprocessing", {}))),
             weights_file=path / meta["weights"]["file"],
             sha256=str(meta["weights"]["sha256"]).lower(),
             meta=meta,
@@ -191,6 +242,28 @@ def find_bundles(configured: tuple[str, ...] = ()) -> list[BundleSpec]:
     if len(set(names)) != len(names):
         raise ModelError(f"two bundles share a name: {names}; give each bundle a distinct name")
     return specs
+
+
+def check_preprocessing(site: Any, specs: list[BundleSpec]) -> None:
+    """Stop the start-up when the site's ``[preprocess] contrast`` contradicts a bundle's binding preprocessing.
+
+    ``site`` is the :class:`~xraybatch.settings.PreprocessConfig`. Each bundle's model input is always made as its
+    ``model.json`` says, whatever the site's display settings; bundles with different preprocessing run side by
+    side, each on its own input.
+
+    Raises
+    ------
+    ModelError
+        Naming the setting, the bundle and the preprocessing the bundle was trained with.
+    """
+    demanded = getattr(site, "contrast", "")
+    for spec in specs:
+        if demanded and demanded != spec.preprocess.contrast:
+            raise ModelError(
+                f"[preprocess] contrast = {demanded!r} contradicts bundle {spec.model_id} ({spec.path}), which was "
+                f"trained with {spec.preprocess.describe()}; a bundle's preprocessing is binding. Remove the "
+                "setting, or run a bundle trained with that preprocessing"
+            )
 
 
 def write_model_json(path: Path, meta: dict[str, Any]) -> None:
