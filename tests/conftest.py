@@ -28,13 +28,14 @@ def make_tiny_bundle(
     size: int = 64,
     channels: int = 1,
     seed: int = 0,
+    contrast: str = "equalise",
 ) -> Path:
     """A randomly initialised separable CNN saved as a real bundle (weights + model.json with sha256)."""
     import torch
     from safetensors.torch import save_file
 
     from xraybatch.models.nets import build_network
-    from xraybatch.models.registry import write_model_json
+    from xraybatch.models.registry import ModelPreprocess, write_model_json
 
     torch.manual_seed(seed)
     args = {"widths": [8, 16, 32], "dropout": 0.0}
@@ -52,6 +53,7 @@ def make_tiny_bundle(
             "targets": list(targets),
             "thresholds": thresholds or {t: 0.5 for t in targets},
             "input": {"size": [size, size], "channels": channels, "mean": [0.5] * channels, "std": [0.25] * channels},
+            "preprocessing": ModelPreprocess(contrast=contrast).to_meta(),
             "weights": {"file": "weights.safetensors"},
             "provenance": {"note": "random weights for tests"},
         },

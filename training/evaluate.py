@@ -1,18 +1,25 @@
-"""Evaluation: metrics with per-class support, the operating threshold rule, calibration, plots, model card.
+"""Evaluation: metrics with per-class support and bootstrap intervals, threshold rules, calibration, plots, card.
 
-Operating threshold rule (binary): among the thresholds at which validation Pneumonia recall is at least
-``min_recall`` (default 0.97), take the one with the best Normal recall (specificity), i.e. the highest such
-threshold; ties go to the higher threshold. The threshold is chosen on the validation split only and is applied
-to calibrated probabilities ``sigmoid(logit / T)``, where the temperature T minimises the validation negative
-log-likelihood (it does not change the ranking, so AUROC is unaffected).
+Calibration: per target, the temperature T minimising the validation negative log-likelihood of
+``sigmoid(logit / T)`` (it does not change the ranking, so AUROC is unaffected). A target with fewer than
+:data:`MIN_TEMPERATURE_POSITIVES` validation positives gets the temperature fitted on every target's logits at
+once: with a handful of positives a temperature of its own would be fitted to noise.
 
-Operating threshold rule (multi-label, per target): the F1-optimal threshold on validation among those that
-keep recall >= ``min_recall`` (ties go to the higher threshold). A target with fewer than
-:data:`MIN_THRESHOLD_POSITIVES` validation positives has no usable F1: its threshold is prevalence-based
-instead, the ``1 - prevalence`` quantile of its validation probabilities, with the prevalence taken from the
-training side, so the model calls about as many positives as the data holds. One temperature is shared by all
-targets (fitted on every validation logit at once): with a handful of positives per finding, per-target
-temperatures would be fitted to noise.
+Operating threshold rule (binary): the threshold with the best balanced accuracy (Youden's J = recall +
+specificity - 1) on validation among those that keep Pneumonia recall >= ``min_recall`` (default 0.95). On an
+easy validation set many thresholds tie; the run of tied thresholds (J within :data:`J_TOLERANCE` of the best)
+is split in the middle, in logit space, rather than taken at one of its ends, so the threshold does not sit on
+the last validation case of either class.
+
+Operating threshold rule (multi-label, per target): a fixed specificity. The threshold is the ``specificity``
+quantile (default 0.95) of the validation probabilities of the images *without* that finding, so each finding
+is called on about 5% of the images that do not have it, whatever its prevalence. This rests on the negatives
+(hundreds per finding), not on the handful of positives an F1 optimum would be fitted to, and it keeps the
+number of findings per image near what the data holds: the model card reports the expected number of positive
+findings per validation image beside the number of findings the labels give.
+
+Confidence intervals: 95% percentile intervals over :data:`BOOTSTRAP_ROUNDS` bootstrap resamples of the
+validation images (seeded), for AUROC, accuracy and per-class recall.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 CLASS_NAMES = ("Normal", "Pneumonia")
 MIN_THRESHOLD_POSITIVES = 3  # fewer validation positives: prevalence-based threshold instead of F1-optimal
+MIN_TEMPERATURE_POSITIVES = 10  # fewer validation positives: the shared temperature instead of a target's own
+J_TOLERANCE = 0.002  # binary rule: thresholds whose Youden's J is this close to the best count as tied
+BOOTSTRAP_ROUNDS = 1000
+BOOTSTRAP_SEED = 20240601
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -49,21 +60,95 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return round(float(np.clip(fine[int(np.argmin([nll(t) for t in fine]))], 0.05, 20.0)), 4)
 
 
-def choose_threshold(labels: np.ndarray, probs: np.ndarray, min_recall: float = 0.97) -> float:
-    """The operating threshold of the module docstring's rule.
+def fit_temperatures(logits: np.ndarray, labels: np.ndarray,
+                     min_positives: int = MIN_TEMPERATURE_POSITIVES) -> list[float]:
+    """Per-target temperatures (module docstring): a target's own, or the shared one when it has few positives."""
+    z = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    y = np.asarray(labels, dtype=np.float64).reshape(z.shape)
+    shared = fit_temperature(z, y)
+    out = []
+    for j in range(z.shape[1]):
+        pos = int(y[:, j].sum())
+        out.append(fit_temperature(z[:, j], y[:, j]) if min(pos, len(y) - pos) >= min_positives else shared)
+    return out
 
-    Candidate thresholds are the distinct probabilities of the positives; the result is the largest one that
-    keeps recall >= ``min_recall``, so every positive at or above it is called positive.
+
+def youden_threshold(labels: np.ndarray, probs: np.ndarray, min_recall: float = 0.95) -> float:
+    """The binary operating threshold of the module docstring's rule (best Youden's J with a recall floor)."""
+    y = np.asarray(labels).ravel().astype(bool)
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    if not y.any() or y.all():
+        raise ValueError("cannot choose a threshold without both classes in validation")
+    if not 0.0 < min_recall <= 1.0:
+        raise ValueError(f"min_recall must be in (0, 1], got {min_recall}")
+    candidates = np.unique(p)  # ascending; "positive" means p >= candidate
+    recall = np.array([(p[y] >= t).mean() for t in candidates])
+    specificity = np.array([(p[~y] < t).mean() for t in candidates])
+    j = np.where(recall >= min_recall - 1e-9, recall + specificity - 1.0, -np.inf)
+    tied = j >= j.max() - J_TOLERANCE
+    # The run of consecutive tied candidates that holds the highest best one (ties between runs: the higher
+    # thresholds, the safer side when normals score higher than in validation).
+    last = int(np.flatnonzero(j >= j.max() - 1e-12)[-1])
+    first = last
+    while first > 0 and tied[first - 1]:
+        first -= 1
+    while last + 1 < len(candidates) and tied[last + 1]:
+        last += 1
+    # Every threshold in (the candidate below the run, the run's highest candidate] gives a tied result.
+    low = float(candidates[first - 1]) if first > 0 else float(candidates[first])
+    high = float(candidates[last])
+    if not high > low:
+        return high
+    eps = 1e-7
+    lo, hi = np.clip([low, high], eps, 1 - eps)
+    middle = float(sigmoid(np.array((np.log(lo / (1 - lo)) + np.log(hi / (1 - hi))) / 2.0)))
+    return float(np.clip(middle, np.nextafter(low, 1.0), high))
+
+
+def specificity_threshold(labels: np.ndarray, probs: np.ndarray, specificity: float = 0.95) -> float:
+    """The multi-label rule: the ``specificity`` quantile of the probabilities of the images without the finding.
+
+    An image is positive at ``p >= threshold``; the threshold is just above that quantile, so at most
+    ``1 - specificity`` of the validation negatives are called positive.
     """
     y = np.asarray(labels).ravel().astype(bool)
     p = np.asarray(probs, dtype=np.float64).ravel()
-    if not y.any():
-        raise ValueError("cannot choose a threshold without positive validation examples")
-    if not 0.0 < min_recall <= 1.0:
-        raise ValueError(f"min_recall must be in (0, 1], got {min_recall}")
-    pos = np.sort(p[y])[::-1]  # descending
-    need = int(np.ceil(min_recall * len(pos) - 1e-9))
-    return float(pos[max(need, 1) - 1])
+    if y.all():
+        raise ValueError("cannot choose a specificity threshold without negative validation examples")
+    if not 0.0 < specificity < 1.0:
+        raise ValueError(f"specificity must be in (0, 1), got {specificity}")
+    return float(np.nextafter(np.quantile(p[~y], specificity, method="higher"), 1.0))
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, statistic: Any, rounds: int = BOOTSTRAP_ROUNDS,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile interval of ``statistic(labels, probs)`` over bootstrap resamples of the images.
+
+    Resamples where the statistic is undefined (one class only) are skipped; ``(nan, nan)`` when none is left.
+    """
+    y, p = np.asarray(labels), np.asarray(probs)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(rounds):
+        idx = rng.integers(0, len(y), len(y))
+        try:
+            v = float(statistic(y[idx], p[idx]))
+        except ValueError:
+            continue
+        if not np.isnan(v):
+            values.append(v)
+    if not values:
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return round(float(low), 4), round(float(high), 4)
+
+
+def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(np.asarray(y).ravel().tolist())) < 2:
+        raise ValueError("one class")
+    return float(roc_auc_score(y, p))
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -81,11 +166,20 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> d
                "f1": round(float(f1[i]), 4), "support": int(support[i])}
         for i, name in enumerate(CLASS_NAMES)
     }
+    ci = {
+        "auroc": bootstrap_ci(y, p, _auroc),
+        "accuracy": bootstrap_ci(y, p, lambda yy, pp: float(((pp >= threshold) == (yy == 1)).mean())),
+        "recall_Pneumonia": bootstrap_ci(y, p, lambda yy, pp: _recall(yy == 1, pp >= threshold)),
+        "recall_Normal": bootstrap_ci(y, p, lambda yy, pp: _recall(yy == 0, pp < threshold)),
+    }
     return {
         "n": len(y),
         "threshold": round(float(threshold), 6),
         "accuracy": round(float((pred == y).mean()), 4),
         "auroc": round(auroc, 4),
+        "ci95": ci,
+        "predicted_positive_rate": round(float(pred.mean()), 4),
+        "prevalence": round(float(y.mean()), 4),
         "per_class": per_class,
         "confusion_matrix": {"labels": list(CLASS_NAMES), "rows_true_cols_pred": cm.tolist()},
         "brier": round(float(np.mean((p - y) ** 2)), 4),
@@ -93,44 +187,10 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> d
     }
 
 
-def f1_threshold(labels: np.ndarray, probs: np.ndarray, min_recall: float = 0.0) -> float:
-    """The F1-optimal threshold among those with recall >= ``min_recall`` (ties: the higher threshold).
-
-    Raises
-    ------
-    ValueError
-        Without positive examples.
-    """
-    y = np.asarray(labels).ravel().astype(bool)
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    if not y.any():
-        raise ValueError("cannot choose a threshold without positive validation examples")
-    order = np.argsort(-p, kind="stable")
-    ps, ys = p[order], y[order]
-    last = np.append(ps[1:] < ps[:-1], True)  # the last image of each run of equal probabilities
-    tp, fp = np.cumsum(ys)[last], np.cumsum(~ys)[last]
-    candidates = ps[last]
-    recall = tp / y.sum()
-    f1 = 2 * tp / (tp + fp + y.sum())
-    f1 = np.where(recall >= min_recall - 1e-9, f1, -1.0)
-    best = np.flatnonzero(f1 == f1.max())[0]  # candidates descend: the first best is the highest threshold
-    return float(candidates[best])
-
-
-def choose_multilabel_thresholds(labels: np.ndarray, probs: np.ndarray, min_recall: float,
-                                 train_prevalence: Sequence[float] | np.ndarray) -> tuple[list[float], list[str]]:
-    """Per-target thresholds and the rule each one used (``f1`` or ``prevalence``); see the module docstring."""
-    thresholds, rules = [], []
-    for j in range(labels.shape[1]):
-        y, p = labels[:, j].astype(bool), np.asarray(probs[:, j], dtype=np.float64)
-        if y.sum() >= MIN_THRESHOLD_POSITIVES and (~y).any():
-            thresholds.append(f1_threshold(y, p, min_recall))
-            rules.append("f1")
-        else:
-            prevalence = float(np.clip(train_prevalence[j], 1.0 / max(len(p), 1), 1.0))
-            thresholds.append(float(np.quantile(p, 1.0 - prevalence)) if len(p) else 0.5)
-            rules.append("prevalence")
-    return thresholds, rules
+def _recall(truth: np.ndarray, called: np.ndarray) -> float:
+    if not truth.any():
+        raise ValueError("no positives")
+    return float((called & truth).sum() / truth.sum())
 
 
 def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, targets: Sequence[str],
@@ -152,7 +212,8 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, targets: Sequence[
     for j, target in enumerate(targets):
         y = labels[:, j]
         auc = float(roc_auc_score(y, probs[:, j])) if 0 < y.sum() < len(y) else float("nan")
-        row: dict[str, Any] = {"auroc": round(auc, 4), "support_pos": int(y.sum()), "n": len(y)}
+        row: dict[str, Any] = {"auroc": round(auc, 4), "auroc_ci95": bootstrap_ci(y, probs[:, j], _auroc),
+                               "support_pos": int(y.sum()), "n": len(y)}
         if thresholds is not None:
             pred = (probs[:, j] >= thresholds[j]).astype(int)
             prec, rec, f1, _ = precision_recall_fscore_support(y, pred, labels=[1], zero_division=0)
@@ -166,9 +227,23 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, targets: Sequence[
             aucs.append(auc)
     out["mean_auroc"] = round(float(np.mean(aucs)), 4) if aucs else float("nan")
     out["findings_with_auroc"] = len(aucs)
+    findings = [j for j, t in enumerate(targets) if t != NO_FINDING]
+    out["mean_auroc_ci95"] = bootstrap_ci(labels[:, findings], probs[:, findings], _mean_auroc)
+    out["findings_per_image_labels"] = round(float(labels[:, findings].sum(axis=1).mean()), 3)
+    if thresholds is not None:
+        called = probs[:, findings] >= np.asarray(thresholds, dtype=np.float64)[findings]
+        out["findings_per_image_predicted"] = round(float(called.sum(axis=1).mean()), 3)
     out["brier"] = round(float(np.mean((probs - labels) ** 2)), 4)
     out["ece"] = round(expected_calibration_error(labels.ravel(), probs.ravel()), 4)
     return out
+
+
+def _mean_auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean AUROC over the columns that have both classes in this resample (ValueError when none has)."""
+    aucs = [_auroc(y[:, j], p[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    if not aucs:
+        raise ValueError("no column with both classes")
+    return float(np.mean(aucs))
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
@@ -303,15 +378,27 @@ def write_multilabel_plots(out_dir: Path, labels: np.ndarray, probs: np.ndarray,
 
 def multilabel_table(metrics: dict[str, Any]) -> str:
     """Markdown table of per-target AUROC, threshold, precision/recall/F1 and support, plus the means."""
-    rows = ["| target | AUROC | threshold (rule) | precision | recall | F1 | val positives / n | predicted positive |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [("| target | AUROC (95% CI) | threshold (rule) | precision | recall | F1 | val positives / n "
+            "| predicted positive |"), "|---|---|---|---|---|---|---|---|"]
     for name, m in metrics["per_target"].items():
-        rows.append(f"| {name} | {m['auroc']:.4f} | {m['threshold']:.4f} ({m.get('rule', '')}) | {m['precision']:.4f} "
-                    f"| {m['recall']:.4f} | {m['f1']:.4f} | {m['support_pos']} / {m['n']} | {m['predicted_pos']} |")
+        rows.append(f"| {name} | {m['auroc']:.4f}{_ci(m.get('auroc_ci95'))} | {m['threshold']:.4f} "
+                    f"({m.get('rule', '')}) | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} "
+                    f"| {m['support_pos']} / {m['n']} | {m['predicted_pos']} |")
     rows.append(f"\nMean AUROC over the {metrics['findings_with_auroc']} findings with both classes in validation "
-                f"(\"No Finding\" excluded): **{metrics['mean_auroc']:.4f}** (n = {metrics['n']}). Brier "
-                f"{metrics['brier']:.4f}, ECE {metrics['ece']:.4f} (all targets pooled).")
+                f"(\"No Finding\" excluded): **{metrics['mean_auroc']:.4f}**{_ci(metrics.get('mean_auroc_ci95'))} "
+                f"(n = {metrics['n']}). Brier {metrics['brier']:.4f}, ECE {metrics['ece']:.4f} (all targets pooled).")
+    if "findings_per_image_predicted" in metrics:
+        rows.append(f"\nFindings called per validation image at these thresholds: "
+                    f"**{metrics['findings_per_image_predicted']:.2f}** on average; the labels hold "
+                    f"{metrics['findings_per_image_labels']:.2f} findings per image.")
     return "\n".join(rows)
+
+
+def _ci(interval: Sequence[float] | None) -> str:
+    """`` (low-high)`` for a bootstrap interval, empty when there is none."""
+    if not interval or interval[0] != interval[0]:
+        return ""
+    return f" ({interval[0]:.3f}-{interval[1]:.3f})"
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
@@ -319,9 +406,14 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     rows = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name, m in metrics["per_class"].items():
         rows.append(f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |")
-    rows.append(f"\nAccuracy **{metrics['accuracy']:.4f}**, AUROC **{metrics['auroc']:.4f}** "
-                f"(n = {metrics['n']}, threshold {metrics['threshold']:.4f}), Brier {metrics['brier']:.4f}, "
-                f"ECE {metrics['ece']:.4f}.")
+    ci = metrics.get("ci95", {})
+    rows.append(f"\nAccuracy **{metrics['accuracy']:.4f}**{_ci(ci.get('accuracy'))}, AUROC **{metrics['auroc']:.4f}**"
+                f"{_ci(ci.get('auroc'))} (n = {metrics['n']}, threshold {metrics['threshold']:.4f}), Brier "
+                f"{metrics['brier']:.4f}, ECE {metrics['ece']:.4f}. Bootstrap 95% intervals in brackets; recall "
+                f"Pneumonia{_ci(ci.get('recall_Pneumonia'))}, Normal{_ci(ci.get('recall_Normal'))}.")
+    if "predicted_positive_rate" in metrics:
+        rows.append(f"\nCalled positive: {metrics['predicted_positive_rate']:.1%} of the images; prevalence "
+                    f"{metrics['prevalence']:.1%}.")
     cm = metrics["confusion_matrix"]["rows_true_cols_pred"]
     rows.append(f"\nConfusion matrix (rows true, columns predicted; Normal, Pneumonia): {cm}")
     return "\n".join(rows)
@@ -339,8 +431,8 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
     if multilabel:
         what = (f"Multi-label classifier of frontal chest radiographs: {len(meta['targets'])} outputs, the NIH "
                 f"ChestX-ray14 findings and `No Finding`, in this order: {', '.join(meta['targets'])}. "
-                f"`sigmoid(logit / {meta['temperature'][0]})` is each probability (one temperature shared by all "
-                f"targets); a target is positive at or above its own threshold (table below). {net}")
+                f"`sigmoid(logit / T)` is each probability, with a temperature T per target (table below); a "
+                f"target is positive at or above its own threshold. {net}")
         source = ("NIH ChestX-ray14 (Wang et al., CVPR 2017; NIH Clinical Center, adults, PA and AP), only the "
                   "images of the official train_val list present on disk")
         counts = (f"- Positives per target (train): {prov['class_counts']['train']}; (validation): "
@@ -392,8 +484,9 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
     ]
     if multilabel:
         lines += [
-            (f"Rule: {metrics['threshold_rule']}. Chosen on the validation split only; temperature "
-             f"{meta['temperature'][0]} (shared)."),
+            (f"Rule: {metrics['threshold_rule']}. Chosen on the validation split only. Temperatures per target: "
+             + ", ".join(f"{t} {v}" for t, v in zip(meta["targets"], meta["temperature"], strict=True))
+             + f" (targets with fewer than {MIN_TEMPERATURE_POSITIVES} validation positives share one)."),
             "",
             "## Validation metrics (per finding, with support)",
             multilabel_table(metrics["validation"]),
@@ -455,6 +548,8 @@ def _multilabel_limits(meta: dict[str, Any]) -> list[str]:
          "AUROC, precision, recall and F1 have wide confidence intervals (one image moves them by several points). "
          + (f"The thresholds of {', '.join(fallback)} are prevalence-based (fewer than {MIN_THRESHOLD_POSITIVES} "
             "validation positives)." if fallback else
+            "Every threshold rests on the validation negatives (a fixed specificity), not on these few positives."
+            if all(m.get("rule") == "specificity" for m in val["per_target"].values()) else
             f"Every threshold is F1-based (each target had at least {MIN_THRESHOLD_POSITIVES} validation "
             "positives).")),
         ("- NIH labels were mined from radiology reports by NLP (estimated > 90% accurate overall, much less for "
@@ -462,7 +557,7 @@ def _multilabel_limits(meta: dict[str, Any]) -> list[str]:
          "(held out) may score differently. Reference: CheXNet reports a mean AUROC of 0.841 trained on the full "
          "set (~78,000 training images)."),
         ("- Adults from one hospital (NIH Clinical Center); PA and AP views. Other devices and populations are out "
-         "of distribution. Probabilities are temperature-scaled on validation (one shared temperature); with "
+         "of distribution. Probabilities are temperature-scaled on validation (per target); with "
          "repeat-factor sampling and class weights they still lean towards positives for rare findings."),
         "- The model does not localise; Grad-CAM maps of the positive findings are a hint only.",
     ]
@@ -476,7 +571,7 @@ def _multilabel_limits(meta: dict[str, Any]) -> list[str]:
     busy = [t for t, m in val["per_target"].items() if t != "No Finding" and m.get("predicted_pos", 0) > val["n"] / 4]
     if busy:
         lines.insert(3, (
-            f"- The F1 rule with a recall floor of {prov['config']['min_recall']} picks low thresholds where the "
+            f"- The threshold rule picks low thresholds where the "
             f"ranking is weak: {', '.join(busy)} are called positive on more than a quarter of the validation images. "
             "Read the probabilities, not only the present/absent calls."))
     return lines

@@ -21,7 +21,7 @@ def chest_picture(size: int, positive: bool, rng: np.random.Generator) -> np.nda
     img = 0.75 - 0.45 * lungs + 0.04 * rng.standard_normal((size, size))
     if positive:
         cx = 0.3 if rng.random() < 0.5 else 0.7
-        img += 0.35 * np.exp(-(((x - cx) / 0.08) ** 2 + ((y - 0.55) / 0.1) ** 2))
+        img += 0.6 * np.exp(-(((x - cx) / 0.08) ** 2 + ((y - 0.55) / 0.1) ** 2))
     return np.clip(img * 255, 0, 255).astype(np.uint8)
 
 

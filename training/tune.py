@@ -7,18 +7,18 @@ Search space (define-by-run):
 - ``focal_gamma``: 0 .. 3; ``focal_alpha``: off, or 0.25 .. 0.75
 - ``sampling``: ``undersample`` (no class weights), or ``none`` with balanced class weights capped at
   ``max_class_weight`` (1 .. 10)
-- ``min_recall`` (the operating threshold rule): 0.90 .. 0.99
+- ``min_recall`` (the recall floor of the operating threshold rule): 0.90 .. 0.99
 
 Multi-label (``task = "multilabel"``, e.g. ``--config training/configs/multilabel.toml``): the same learning
 rate, batch size and focal alpha/gamma; ``sampling`` is ``repeat`` (with ``repeat_threshold`` 0.02 .. 0.3 and
 ``no_finding_keep`` 0.2 .. 1) or ``none``; balanced class weights always, capped at ``max_class_weight`` (1 .. 10);
-``min_recall`` (the recall floor of the per-target F1 thresholds) 0.2 .. 0.8.
+``specificity`` (the validation specificity of the per-target thresholds) 0.85 .. 0.98.
 
 Each trial trains on the training side of the patient-wise split (optionally a patient subset) and is scored
 on the validation side. Objective (maximised): balanced accuracy (mean of Normal and Pneumonia recall) on one
 half of the validation patients, at the threshold the trial's rule picks on the other half, so the threshold
 is never scored on the images that chose it; multi-label: the mean F1 over the findings with positives on the
-scoring half, at the per-target thresholds chosen on the other half. Validation AUROC (multi-label: mean over
+scoring half, at the per-target specificity thresholds chosen on the other half. Validation AUROC (multi-label: mean over
 the findings) is reported after each epoch (the median pruner stops weak trials early) and stored as a user
 attribute with the other scores.
 """
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from training.datasets import ImageSet
-from training.evaluate import choose_multilabel_thresholds, choose_threshold, multilabel_metrics, sigmoid
+from training.evaluate import multilabel_metrics, sigmoid, specificity_threshold, youden_threshold
 from training.splits import Split
 from training.train import TrainConfig, finding_columns, fit, input_spec, predict_logits, prepare_data
 
@@ -53,7 +53,7 @@ def suggest(trial: Any, base: TrainConfig) -> TrainConfig:
     if base.task == "multilabel":
         return _suggest_multilabel(trial, base)
     sampling = trial.suggest_categorical("sampling", ["undersample", "none"])
-    changes = _suggest_common(trial, sampling, (0.90, 0.99))
+    changes = _suggest_common(trial, sampling, "min_recall", (0.90, 0.99))
     if sampling == "none":
         changes["class_weighting"] = "balanced"
         changes["max_class_weight"] = trial.suggest_float("max_class_weight", 1.0, 10.0)
@@ -62,15 +62,15 @@ def suggest(trial: Any, base: TrainConfig) -> TrainConfig:
     return dataclasses.replace(base, **changes)
 
 
-def _suggest_common(trial: Any, sampling: str, min_recall: tuple[float, float]) -> dict[str, Any]:
-    """Learning rate, batch size, focal gamma/alpha and the threshold rule's recall floor, in the study's order."""
+def _suggest_common(trial: Any, sampling: str, rule: str, bounds: tuple[float, float]) -> dict[str, Any]:
+    """Learning rate, batch size, focal gamma/alpha and the threshold rule's parameter, in the study's order."""
     changes: dict[str, Any] = {
         "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
         "batch_size": trial.suggest_categorical("batch_size", [16, 32, 64]),
         "loss": "focal",
         "focal_gamma": trial.suggest_float("focal_gamma", 0.0, 3.0),
         "sampling": sampling,
-        "min_recall": trial.suggest_float("min_recall", *min_recall),
+        rule: trial.suggest_float(rule, *bounds),
     }
     use_alpha = trial.suggest_categorical("use_focal_alpha", [False, True])
     changes["focal_alpha"] = trial.suggest_float("focal_alpha", 0.25, 0.75) if use_alpha else None
@@ -79,7 +79,7 @@ def _suggest_common(trial: Any, sampling: str, min_recall: tuple[float, float]) 
 
 def _suggest_multilabel(trial: Any, base: TrainConfig) -> TrainConfig:
     sampling = trial.suggest_categorical("sampling", ["repeat", "none"])
-    changes = _suggest_common(trial, sampling, (0.2, 0.8))
+    changes = _suggest_common(trial, sampling, "specificity", (0.85, 0.98))
     changes["class_weighting"] = "balanced"
     changes["max_class_weight"] = trial.suggest_float("max_class_weight", 1.0, 10.0)
     if sampling == "repeat":
@@ -89,11 +89,11 @@ def _suggest_multilabel(trial: Any, base: TrainConfig) -> TrainConfig:
 
 
 def multilabel_objective_scores(labels: np.ndarray, probs: np.ndarray, part_a: np.ndarray, part_b: np.ndarray,
-                                min_recall: float, targets: tuple[str, ...], prevalence: np.ndarray
-                                ) -> dict[str, float]:
+                                specificity: float, targets: tuple[str, ...]) -> dict[str, float]:
     """Per-target thresholds by the rule on ``part_a``; mean F1 over the findings with positives in ``part_b``."""
-    thresholds, rules = choose_multilabel_thresholds(labels[part_a], probs[part_a], min_recall, prevalence)
-    scored = multilabel_metrics(labels[part_b], probs[part_b], targets, thresholds, rules)["per_target"]
+    thresholds = [specificity_threshold(labels[part_a, j], probs[part_a, j], specificity)
+                  for j in range(labels.shape[1])]
+    scored = multilabel_metrics(labels[part_b], probs[part_b], targets, thresholds)["per_target"]
     findings = finding_columns(targets)
     f1 = [scored[t]["f1"] for j, t in enumerate(targets) if findings[j] and scored[t]["support_pos"] > 0]
     return {"mean_f1": float(np.mean(f1)) if f1 else float("nan"),
@@ -114,7 +114,7 @@ def objective_scores(labels: np.ndarray, probs: np.ndarray, part_a: np.ndarray, 
     """Threshold by the rule on ``part_a``; balanced accuracy (and both recalls) of ``part_b`` at it."""
     from sklearn.metrics import roc_auc_score
 
-    threshold = choose_threshold(labels[part_a], probs[part_a], min_recall)
+    threshold = youden_threshold(labels[part_a], probs[part_a], min_recall)
     y, pred = labels[part_b].astype(bool), probs[part_b] >= threshold
     recall_pos = float(pred[y].mean()) if y.any() else float("nan")
     recall_neg = float((~pred[~y]).mean()) if (~y).any() else float("nan")
@@ -136,7 +136,6 @@ def run_study(base: TrainConfig, storage: Path, study_name: str, trials: int, ti
     val_idx = np.asarray(split.val)
     multilabel = base.task == "multilabel"
     labels = images.labels()[val_idx] if multilabel else images.labels()[val_idx, 0]
-    prevalence = images.labels()[np.asarray(split.train)].mean(axis=0)
     part_a, part_b = halves(split, [images.samples[i].patient_id for i in val_idx], base.seed)
     spec = input_spec(base.architecture, base.input_size)
 
@@ -151,8 +150,8 @@ def run_study(base: TrainConfig, storage: Path, study_name: str, trials: int, ti
         result = fit(cfg, images, split, inputs, ckpt_dir=None, on_epoch=report)
         logits = predict_logits(result.net, inputs, val_idx, spec, result.device)
         if multilabel:
-            scores = multilabel_objective_scores(labels, sigmoid(logits), part_a, part_b, cfg.min_recall,
-                                                 images.targets, prevalence)
+            scores = multilabel_objective_scores(labels, sigmoid(logits), part_a, part_b, cfg.specificity,
+                                                 images.targets)
         else:
             scores = objective_scores(labels, sigmoid(logits[:, 0]), part_a, part_b, cfg.min_recall)
         for key, value in scores.items():

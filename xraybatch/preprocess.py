@@ -8,10 +8,11 @@ Two paths leave the decoded pixels:
   that bone is bright in every display image.
 * **Model input** (:func:`model_input`, what a bundle's network sees), by the bundle's
   :class:`~xraybatch.models.registry.ModelPreprocess`. With ``contrast = "equalise"`` the modality values, in
-  bone-bright order, are rank-equalised (:func:`equalise`). Bit depth, MONOCHROME1/2, rescale slope/intercept and
-  a VOI window or LUT are all monotonic maps of the same picture, and a rank transform is blind to them: the
-  network gets the same input for every such encoding, however the file asks to be windowed for display. The
-  window is therefore not applied on this path (it can only clip, and a clipped copy would differ).
+  bone-bright order, are resampled to the model's size and rank-equalised (:func:`equalise`). Bit depth,
+  MONOCHROME1/2, rescale slope/intercept and a linear VOI window are affine maps of the same picture: averaging
+  commutes with them and a rank transform is blind to them, so the network gets the same input for every such
+  encoding, however the file asks to be windowed for display. The window is therefore not applied on this path
+  (it can only clip, and a clipped copy would differ).
 
 Resampling to the model's input uses SimpleITK: a ``BinShrink`` by the integer factor (an average, so no
 aliasing) and a linear resample to the exact size. Training calls :func:`model_input_8bit` and
@@ -87,22 +88,25 @@ def to_display(image: XrayImage, cfg: PreprocessConfig) -> DisplayImage:
     return DisplayImage(pixels=display, notes=tuple(notes))
 
 
-def resample(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resample(pixels: np.ndarray, size: tuple[int, int], dtype: type = np.float32) -> np.ndarray:
     """Resample a 2-D float image to ``size`` (height, width) with SimpleITK, averaging when shrinking.
+
+    ``dtype`` is float32 (the display path) or float64 (the equalised model input, whose ranks must not depend
+    on rounding).
 
     The aspect ratio is not kept: the whole image is stretched onto the model grid, as in training.
     """
     if pixels.ndim != 2:
         raise ValueError(f"pixels must be 2-D, got shape {pixels.shape}")
     out_h, out_w = int(size[0]), int(size[1])
-    img = sitk.GetImageFromArray(np.ascontiguousarray(pixels, dtype=np.float32))
+    img = sitk.GetImageFromArray(np.ascontiguousarray(pixels, dtype=dtype))
     in_w, in_h = img.GetSize()
     shrink = [max(1, in_w // out_w), max(1, in_h // out_h)]
     if shrink != [1, 1]:
         img = sitk.BinShrink(img, shrink)
         in_w, in_h = img.GetSize()
     if (in_w, in_h) == (out_w, out_h):
-        return sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
+        return sitk.GetArrayFromImage(img).astype(dtype, copy=False)
     # Map pixel centres: physical extent of the input (spacing 1) spread over the output grid.
     spacing = (in_w / out_w, in_h / out_h)
     origin = ((spacing[0] - 1.0) / 2.0, (spacing[1] - 1.0) / 2.0)
@@ -110,7 +114,8 @@ def resample(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     img.SetSpacing((1.0, 1.0))
     out = sitk.Resample(
         img, (out_w, out_h), sitk.Transform(), sitk.sitkLinear, origin, spacing, img.GetDirection(), 0.0,
-        sitk.sitkFloat32, True,  # nearest-neighbour extrapolation at the borders instead of zeros
+        sitk.sitkFloat64 if dtype == np.float64 else sitk.sitkFloat32,
+        True,  # nearest-neighbour extrapolation at the borders instead of zeros
     )
     return sitk.GetArrayFromImage(out)
 
@@ -171,7 +176,7 @@ def equalise(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarra
 
     Equal values share one output and the order of distinct values is all that counts, so any strictly
     increasing map of ``values`` gives the same result. ``weights`` (optional, same shape) counts each value
-    that many times: :func:`equalised_values` passes one entry per distinct stored value with its pixel count.
+    that many times.
     """
     flat = np.asarray(values).ravel()
     distinct, inverse = np.unique(flat, return_inverse=True)
@@ -184,65 +189,71 @@ def equalise(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarra
     return midpoints[inverse].reshape(np.shape(values)).astype(np.float32)
 
 
-def equalised_values(image: XrayImage) -> np.ndarray:
-    """Modality values of ``image`` in bone-bright order, rank-equalised, in the source geometry (float32).
-
-    Integer stored values (every radiograph we accept) are counted per distinct value with ``np.bincount``; only
-    those few thousand values go through the Modality LUT and the sort, then one table lookup maps every pixel.
+def bone_bright_values(image: XrayImage) -> np.ndarray:
+    """Modality values of ``image`` (float64, source geometry), negated for MONOCHROME1 so that bone is high.
 
     Raises
     ------
     InvalidInputError
-        When the image is constant or its Modality LUT attributes are unusable.
+        When the Modality LUT attributes are unusable.
     """
-    return equalised_stored(image.pixels, image.dataset, image.header.photometric_interpretation == "MONOCHROME1")
+    return _bone_bright(image.pixels, image.dataset, image.header.photometric_interpretation == "MONOCHROME1")
 
 
-def equalised_stored(stored: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
-    """:func:`equalised_values` for stored values and the dataset that holds their Modality LUT attributes.
-
-    ``invert`` (MONOCHROME1) reverses the order, so that bone is bright. Training's re-encoding augmentation
-    calls this with the stored values it made, so those go through the inference code too.
-    """
+def _bone_bright(stored: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
+    """Integer stored values are counted per distinct value (``np.bincount``); only those few thousand values go
+    through the Modality LUT, then one table lookup maps every pixel."""
     try:
         if np.issubdtype(stored.dtype, np.integer) and int(stored.max()) - int(stored.min()) < 1 << 20:
             low = int(stored.min())
             levels = (stored.astype(np.int64) - low) if low else stored.astype(np.intp, copy=False)
-            counts = np.bincount(levels.ravel())
-            present = np.flatnonzero(counts)
-            values = np.asarray(apply_modality_lut((present + low).astype(stored.dtype), ds), dtype=np.float64)
-            ranks = equalise(-values if invert else values, counts[present])
-            table = np.zeros(len(counts), dtype=np.float32)
-            table[present] = ranks
-            return table[levels]
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        return equalise(-values if invert else values)
+            present = np.flatnonzero(np.bincount(levels.ravel()))
+            table = np.zeros(int(present[-1]) + 1, dtype=np.float64)
+            table[present] = np.asarray(apply_modality_lut((present + low).astype(stored.dtype), ds), np.float64)
+            values = table[levels]
+        else:
+            values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     except _LUT_ERRORS as err:
         detail = mask_exception_text(f"{type(err).__name__}: {err}")[:200]
         raise InvalidInputError(f"modality LUT attributes are unusable: {detail}") from err
+    return -values if invert else values
+
+
+def equalised_stored(stored: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
+    """The ``equalise`` model input of stored values already at the model's size (training's re-encoding).
+
+    ``ds`` holds their Modality LUT attributes; ``invert`` (MONOCHROME1) reverses the order.
+    """
+    return equalise(_bone_bright(stored, ds, invert))
 
 
 def model_input(image: XrayImage, pre: ModelPreprocess, size: tuple[int, int]) -> ModelInput:
-    """The model input of ``image`` for a bundle with preprocessing ``pre`` and input ``size`` (height, width)."""
-    if pre.contrast == "equalise":
-        pixels = equalised_values(image)
-        return _resampled(pixels, size)
-    display = to_display(image, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut))
-    return to_model_input(display, size)
+    """The model input of ``image`` for a bundle with preprocessing ``pre`` and input ``size`` (height, width).
+
+    ``equalise``: the bone-bright modality values are resampled to ``size`` (float64), then rank-equalised, so
+    the input has the same uniform histogram whatever the source resolution (training images are mostly at the
+    model's size already), and an affine re-encoding (bit depth, polarity, rescale, a linear window) changes
+    nothing: averaging commutes with it and the ranks ignore it.
+    """
+    return model_inputs(image, [(pre, size)])[(pre, size)]
 
 
 def model_inputs(image: XrayImage, plans: list[tuple[ModelPreprocess, tuple[int, int]]]) -> dict[
         tuple[ModelPreprocess, tuple[int, int]], ModelInput]:
-    """One model input per distinct (preprocessing, size) of the loaded bundles; each contrast is made once."""
+    """One model input per distinct (preprocessing, size) of the loaded bundles; each source image is made once."""
     full: dict[ModelPreprocess, np.ndarray] = {}
     out: dict[tuple[ModelPreprocess, tuple[int, int]], ModelInput] = {}
+    shape = (image.pixels.shape[0], image.pixels.shape[1])
     for pre, size in plans:
         if pre not in full:
             if pre.contrast == "equalise":
-                full[pre] = equalised_values(image)
+                full[pre] = bone_bright_values(image)
             else:
                 full[pre] = to_display(image, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)).pixels
-        out[(pre, size)] = _resampled(full[pre], size)
+        if pre.contrast == "equalise":
+            out[(pre, size)] = ModelInput(pixels=equalise(resample(full[pre], size, np.float64)), source_shape=shape)
+        else:
+            out[(pre, size)] = _resampled(full[pre], size)
     return out
 
 
@@ -257,7 +268,8 @@ def model_input_8bit(pixels: np.ndarray, pre: ModelPreprocess, size: tuple[int, 
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale or 3-D colour array, got shape {pixels.shape}")
     if pre.contrast == "equalise":
-        return _resampled(equalise(pixels), size)
+        shape = (pixels.shape[0], pixels.shape[1])
+        return ModelInput(pixels=equalise(resample(np.asarray(pixels, np.float64), size, np.float64)), source_shape=shape)
     return to_model_input(from_8bit(pixels, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)), size)
 
 

@@ -12,6 +12,8 @@ from tests.conftest import shared_file
 from tests.synth import make_dataset
 from xraybatch import ingest, preprocess
 from xraybatch.domain import DisplayImage, InstanceHeader, XrayImage
+from xraybatch.errors import InvalidInputError
+from xraybatch.models.registry import ModelPreprocess
 from xraybatch.settings import IngestConfig, PreprocessConfig
 
 CFG = PreprocessConfig()
@@ -118,3 +120,76 @@ def test_relabelled_monochrome1_is_the_inverse() -> None:
     a = preprocess.to_display(ingest.read(ingest.read_header(normal, IngestConfig())[0]), CFG)
     b = preprocess.to_display(ingest.read(ingest.read_header(fake, IngestConfig())[0]), CFG)
     np.testing.assert_allclose(a.pixels, 1.0 - b.pixels, atol=1e-6)
+
+
+# -- the model input: rank-equalised, binding per bundle ------------------------------------------------------
+
+def test_equalise_ignores_monotonic_re_encodings_exactly() -> None:
+    picture = np.random.default_rng(3).integers(0, 256, (40, 36)).astype(np.uint8)
+    base = preprocess.equalise(picture)
+    for encoded in (picture.astype(np.float64) * 16 + 7, np.sqrt(picture.astype(np.float64)), -(255.0 - picture)):
+        np.testing.assert_array_equal(preprocess.equalise(encoded), base)
+    assert 0.0 < base.min() < base.max() < 1.0
+    with pytest.raises(InvalidInputError, match="no contrast"):
+        preprocess.equalise(np.full((8, 8), 3))
+
+
+def test_equalised_input_follows_rescale_and_monochrome1() -> None:
+    picture = np.random.default_rng(4).integers(0, 256, (50, 40)).astype(np.uint16)
+    mono2 = _image(make_dataset(picture, bits_stored=8), picture)
+    stored1 = (4095 - 16 * picture).astype(np.uint16)
+    mono1 = _image(make_dataset(stored1, bits_stored=12, photometric="MONOCHROME1", RescaleSlope=0.5,
+                                RescaleIntercept=-1024), stored1)
+    np.testing.assert_array_equal(preprocess.model_input(mono1, ModelPreprocess(), (20, 16)).pixels, preprocess.model_input(mono2, ModelPreprocess(), (20, 16)).pixels)
+    # a negative slope reverses the order of the stored values: bone stays bright after the Modality LUT
+    stored_neg = (4095 - 16 * picture).astype(np.uint16)
+    negative = _image(make_dataset(stored_neg, bits_stored=12, RescaleSlope=-1, RescaleIntercept=4095), stored_neg)
+    np.testing.assert_array_equal(preprocess.model_input(negative, ModelPreprocess(), (20, 16)).pixels, preprocess.model_input(mono2, ModelPreprocess(), (20, 16)).pixels)
+
+
+def test_model_input_ignores_the_window_but_display_keeps_it() -> None:
+    picture = (np.random.default_rng(5).integers(0, 4096, (64, 64))).astype(np.uint16)
+    plain = _image(make_dataset(picture, bits_stored=12), picture)
+    windowed = _image(make_dataset(picture, bits_stored=12, WindowCenter=1000, WindowWidth=800), picture)
+    pre = ModelPreprocess()
+    np.testing.assert_array_equal(preprocess.model_input(plain, pre, (32, 32)).pixels,
+                                  preprocess.model_input(windowed, pre, (32, 32)).pixels)
+    assert not np.allclose(preprocess.to_display(plain, PreprocessConfig()).pixels,
+                           preprocess.to_display(windowed, PreprocessConfig()).pixels)
+    # the format-1 "display" preprocessing does see the window: the two are told apart
+    legacy = ModelPreprocess(contrast="display")
+    assert not np.allclose(preprocess.model_input(plain, legacy, (32, 32)).pixels,
+                           preprocess.model_input(windowed, legacy, (32, 32)).pixels)
+
+
+def test_model_inputs_make_one_per_preprocessing_and_size() -> None:
+    picture = (np.random.default_rng(6).integers(0, 4096, (64, 64))).astype(np.uint16)
+    image = _image(make_dataset(picture, bits_stored=12, WindowCenter=1000, WindowWidth=800), picture)
+    plans = [(ModelPreprocess(), (32, 32)), (ModelPreprocess("display"), (32, 32)), (ModelPreprocess(), (16, 16))]
+    inputs = preprocess.model_inputs(image, plans)
+    assert set(inputs) == set(plans)
+    for pre, size in plans:
+        np.testing.assert_array_equal(inputs[(pre, size)].pixels, preprocess.model_input(image, pre, size).pixels)
+
+
+def test_bundle_preprocessing_is_parsed_and_format_1_means_display() -> None:
+    assert ModelPreprocess.from_meta({}).contrast == "display"
+    legacy = ModelPreprocess.from_meta({"percentile_window": [1, 99], "prefer_voi_lut": False})
+    assert legacy == ModelPreprocess("display", (1.0, 99.0), False)
+    assert ModelPreprocess.from_meta(ModelPreprocess().to_meta()) == ModelPreprocess()
+    assert ModelPreprocess.from_meta(legacy.to_meta()) == legacy
+    with pytest.raises(ValueError, match="contrast"):
+        ModelPreprocess("clahe")
+
+
+def test_a_site_setting_that_contradicts_a_bundle_stops_the_start_up(tmp_path: Path) -> None:
+    from tests.conftest import make_tiny_bundle
+    from xraybatch.errors import ModelError
+    from xraybatch.models.registry import check_preprocessing, read_bundle
+
+    spec = read_bundle(make_tiny_bundle(tmp_path / "b"))
+    check_preprocessing(PreprocessConfig(), [spec])  # no demand: fine
+    check_preprocessing(PreprocessConfig(contrast=spec.preprocess.contrast), [spec])
+    other = "display" if spec.preprocess.contrast == "equalise" else "equalise"
+    with pytest.raises(ModelError, match=rf"contrast = '{other}' contradicts bundle .*binding"):
+        check_preprocessing(PreprocessConfig(contrast=other), [spec])

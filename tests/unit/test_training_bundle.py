@@ -49,12 +49,12 @@ def test_manifest_is_patient_disjoint() -> None:
 
 def test_predictor_runs() -> None:
     from training.synthetic import chest_picture
-    from xraybatch.preprocess import from_8bit, to_model_input
-    from xraybatch.settings import PreprocessConfig
+    from xraybatch.preprocess import model_input_8bit
 
     predictor = Predictor(read_bundle(BUNDLE))
     picture = chest_picture(300, True, np.random.default_rng(0))
-    model_input = to_model_input(from_8bit(picture, PreprocessConfig()), (224, 224))
+    spec = read_bundle(BUNDLE)
+    model_input = model_input_8bit(picture, spec.preprocess, spec.input.size)
     (prediction,) = predictor.predict([ModelInput(model_input.pixels, model_input.source_shape)])
     assert prediction.targets == ("Pneumonia",) and 0.0 <= prediction.probabilities[0] <= 1.0
 

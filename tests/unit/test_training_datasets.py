@@ -12,8 +12,8 @@ from training import datasets
 from training.datasets import detect_layout, kermany_patient_id, load_inputs, model_input, scan
 from training.synthetic import chest_picture, write_dicom_folder, write_kermany, write_nih
 from xraybatch.models.findings import NIH_TARGETS
-from xraybatch.preprocess import from_8bit, to_model_input
-from xraybatch.settings import PreprocessConfig
+from xraybatch.models.registry import ModelPreprocess
+from xraybatch.preprocess import model_input_8bit
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_unknown_layout(tmp_path: Path) -> None:
 
 def test_jpeg_and_dicom_share_the_inference_transform(tmp_path: Path) -> None:
     """A training JPEG/PNG and the same pixels as DICOM give the inference function's exact output."""
-    cfg = PreprocessConfig()
+    cfg = ModelPreprocess()
     write_dicom_folder(tmp_path / "dcm", per_class=1, size=40)
     dcm = min((tmp_path / "dcm").glob("*.dcm"))
     import pydicom
@@ -99,24 +99,24 @@ def test_jpeg_and_dicom_share_the_inference_transform(tmp_path: Path) -> None:
     pixels = pydicom.dcmread(dcm).pixel_array
     png = tmp_path / "same.png"
     Image.fromarray(pixels).save(png)
-    expected = to_model_input(from_8bit(pixels, cfg), (32, 32)).pixels
+    expected = model_input_8bit(pixels, cfg, (32, 32)).pixels
     np.testing.assert_array_equal(model_input(png, cfg, (32, 32)), expected)
     np.testing.assert_array_equal(model_input(dcm, cfg, (32, 32)), expected)
 
 
 def test_rgb_jpeg_goes_through_grey(tmp_path: Path) -> None:
-    cfg = PreprocessConfig()
+    cfg = ModelPreprocess()
     grey = chest_picture(48, True, np.random.default_rng(1))
     path = tmp_path / "rgb.png"
     Image.fromarray(np.stack([grey] * 3, axis=-1)).save(path)
-    expected = to_model_input(from_8bit(grey, cfg), (24, 24)).pixels
+    expected = model_input_8bit(grey, cfg, (24, 24)).pixels
     np.testing.assert_array_equal(model_input(path, cfg, (24, 24)), expected)
 
 
 def test_cache_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_kermany(tmp_path / "data", per_class=4)
     images = scan(tmp_path / "data")
-    first = load_inputs(images, PreprocessConfig(), (32, 32), tmp_path / "cache")
+    first = load_inputs(images, ModelPreprocess(), (32, 32), tmp_path / "cache")
     assert first.shape == (len(images.samples), 32, 32) and first.dtype == np.float32
     assert 0.0 <= first.min() and first.max() <= 1.0
 
@@ -124,7 +124,7 @@ def test_cache_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         raise AssertionError("decoded although cached")
 
     monkeypatch.setattr(datasets, "model_input", no_decoding)
-    np.testing.assert_array_equal(load_inputs(images, PreprocessConfig(), (32, 32), tmp_path / "cache"), first)
+    np.testing.assert_array_equal(load_inputs(images, ModelPreprocess(), (32, 32), tmp_path / "cache"), first)
     # Other preprocessing settings are another cache entry.
     with pytest.raises(AssertionError, match="decoded"):
-        load_inputs(images, PreprocessConfig(percentile_window=(1.0, 99.0)), (32, 32), tmp_path / "cache")
+        load_inputs(images, ModelPreprocess(contrast="display"), (32, 32), tmp_path / "cache")

@@ -24,12 +24,12 @@ from training.datasets import (
     scan_nih,
 )
 from training.evaluate import (
-    MIN_THRESHOLD_POSITIVES,
-    choose_multilabel_thresholds,
-    f1_threshold,
     fit_temperature,
+    fit_temperatures,
     multilabel_metrics,
     sigmoid,
+    specificity_threshold,
+    youden_threshold,
 )
 from training.losses import WeightedFocalLoss, class_weights, epoch_indices, repeat_factors
 from training.splits import check_disjoint, patient_split
@@ -38,8 +38,7 @@ from training.train import TrainConfig
 from xraybatch.domain import ModelInput
 from xraybatch.infer import Predictor
 from xraybatch.models.findings import NIH_TARGETS
-from xraybatch.models.registry import read_bundle
-from xraybatch.settings import PreprocessConfig
+from xraybatch.models.registry import ModelPreprocess, read_bundle
 
 TINY = """
 task = "multilabel"
@@ -158,34 +157,50 @@ def test_multilabel_config_rejects_single_target_balancing() -> None:
 
 # --- thresholds and calibration ---------------------------------------------------------------------------
 
-def test_f1_threshold_by_hand_and_recall_floor() -> None:
-    y = np.array([1, 1, 0, 1, 0, 0, 0, 0])
-    p = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1, 0.05, 0.01])
-    # t=0.8: tp 2, fp 0 -> F1 = 4/5 = 0.8; t=0.3: tp 3, fp 1 -> F1 = 6/7 = 0.857 (best)
-    assert f1_threshold(y, p) == 0.3
-    # with only the first two: t=0.8 is best when recall may be 2/3
-    y2, p2 = np.array([1, 1, 0, 0, 0, 1]), np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
-    assert f1_threshold(y2, p2) == 0.8  # F1 0.8 at 0.8 vs 0.667 at 0.1
-    assert f1_threshold(y2, p2, min_recall=1.0) == 0.1  # the floor forces every positive in
+def test_youden_threshold_by_hand_and_recall_floor() -> None:
+    y = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 1])
+    p = np.array([0.05, 0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9])
+    # best J = 0.8 - 0 at thresholds in (0.4, 0.6]: the middle of that range in logit space
+    t = youden_threshold(y, p, min_recall=0.5)
+    assert 0.4 < t <= 0.6 and t == pytest.approx(sigmoid(np.array((np.log(0.4 / 0.6) + np.log(0.6 / 0.4)) / 2)))
+    # a recall floor of 1.0 forces the positive at 0.35 in: the threshold moves into (0.3, 0.35]
+    t_all = youden_threshold(y, p, min_recall=1.0)
+    assert 0.3 < t_all <= 0.35 and (p[y == 1] >= t_all).all()
     with pytest.raises(ValueError):
-        f1_threshold(np.zeros(3), np.ones(3))
+        youden_threshold(np.ones(3), np.ones(3))
 
 
-def test_thresholds_fall_back_to_prevalence_with_few_positives() -> None:
+def test_specificity_threshold_calls_the_chosen_share_of_negatives() -> None:
     rng = np.random.default_rng(0)
-    n = 200
-    labels = np.zeros((n, 3), dtype=int)
-    labels[:60, 0] = 1  # enough positives: F1 rule
-    labels[0, 1] = 1  # one positive
-    probs = np.clip(rng.random((n, 3)) * 0.5 + labels * 0.4, 0, 1)
-    thresholds, rules = choose_multilabel_thresholds(labels, probs, 0.5, train_prevalence=[0.3, 0.05, 0.1])
-    assert rules == ["f1", "prevalence", "prevalence"] and MIN_THRESHOLD_POSITIVES > 1
-    assert thresholds[1] == pytest.approx(np.quantile(probs[:, 1], 0.95))
-    assert (probs[:, 2] >= thresholds[2]).mean() == pytest.approx(0.1, abs=0.01)
-    metrics = multilabel_metrics(labels, probs, ("Atelectasis", "Hernia", "No Finding"), thresholds, rules)
-    assert metrics["per_target"]["Hernia"]["support_pos"] == 1 and metrics["per_target"]["No Finding"]["support_pos"] == 0
-    assert math.isnan(metrics["per_target"]["No Finding"]["auroc"])
-    assert metrics["findings_with_auroc"] == 2 and metrics["per_target"]["Atelectasis"]["rule"] == "f1"
+    y = np.r_[np.ones(20), np.zeros(400)].astype(int)
+    p = np.r_[rng.uniform(0.3, 1.0, 20), rng.uniform(0.0, 0.6, 400)]
+    t = specificity_threshold(y, p, 0.95)
+    assert (p[y == 0] >= t).mean() <= 0.05 + 1 / 400
+    assert (p[y == 0] >= t).mean() >= 0.05 - 1 / 400  # not far stricter than asked either
+    assert specificity_threshold(y, p, 0.99) > t
+    with pytest.raises(ValueError):
+        specificity_threshold(np.ones(3), np.ones(3), 0.95)
+
+
+def test_per_target_temperatures_fall_back_to_the_shared_one_with_few_positives() -> None:
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 4, size=(4000, 3))
+    y = (rng.random(z.shape) < sigmoid(z / np.array([1.0, 3.0, 1.0]))).astype(int)
+    y[:, 2] = 0
+    y[:5, 2] = 1  # five positives: no temperature of its own
+    temps = fit_temperatures(z, y)
+    assert temps[0] == pytest.approx(1.0, rel=0.1) and temps[1] == pytest.approx(3.0, rel=0.1)
+    assert temps[2] == fit_temperature(z, y)
+
+
+def test_multilabel_metrics_report_findings_per_image_and_intervals() -> None:
+    labels = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]] * 10)
+    probs = np.clip(labels * 0.6 + 0.2, 0, 1)
+    metrics = multilabel_metrics(labels, probs, ("Atelectasis", "Hernia", "No Finding"), [0.5, 0.9, 0.5])
+    assert metrics["findings_per_image_labels"] == pytest.approx(1.0)  # (1 + 1 + 0 + 2) / 4, No Finding left out
+    assert metrics["findings_per_image_predicted"] == pytest.approx(0.5)  # only Atelectasis passes its threshold
+    low, high = metrics["per_target"]["Atelectasis"]["auroc_ci95"]
+    assert low == high == 1.0 and metrics["mean_auroc_ci95"] == (1.0, 1.0)
 
 
 def test_shared_temperature_recovers_the_true_one() -> None:
@@ -244,8 +259,8 @@ def test_full_nih_table_splits_patient_wise_at_real_scale() -> None:
 
 def test_streamed_inputs_equal_the_cached_array(nih: Path, tmp_path: Path) -> None:
     images = scan_nih(nih, "train_val")
-    cached = load_inputs(images, PreprocessConfig(), (32, 32), tmp_path)
-    streamed = StreamedInputs(images, PreprocessConfig(), (32, 32))
+    cached = load_inputs(images, ModelPreprocess(), (32, 32), tmp_path)
+    streamed = StreamedInputs(images, ModelPreprocess(), (32, 32))
     batches = [np.array([0, 3, 5]), np.array([1, 2])]
     got = list(iter_batches(streamed, batches, workers=1))
     assert [g[0].tolist() for g in got] == [[0, 3, 5], [1, 2]]
@@ -272,7 +287,7 @@ def test_one_epoch_multilabel_bundle(nih: Path, tmp_path: Path) -> None:
     assert all({"auroc", "support_pos", "threshold", "precision", "recall", "f1", "rule"} <= set(m)
                for m in per_target.values())
     card = (out / "model_card.md").read_text()
-    assert "| Pleural_Thickening |" in card and "validation_roc.png" in card and "prevalence" in card
+    assert "| Pleural_Thickening |" in card and "validation_roc.png" in card and "specificity" in card
     assert (out / "validation_roc.png").is_file() and (out / "split_manifest.csv").is_file()
     pixels = np.full((32, 32), 0.5, dtype=np.float32)
     (pred,) = Predictor(spec).predict([ModelInput(pixels=pixels, source_shape=pixels.shape)])

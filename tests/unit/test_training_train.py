@@ -100,13 +100,13 @@ def test_evaluate_reproduces_the_bundle_metrics(data: Path, config: Path, tmp_pa
 def test_predictor_matches_training_inputs(data: Path, config: Path, tmp_path: Path) -> None:
     from training.datasets import load_inputs, scan
     from xraybatch.domain import ModelInput
-    from xraybatch.settings import PreprocessConfig
+    from xraybatch.models.registry import ModelPreprocess
 
     out = tmp_path / "bundle"
     _train(data, out, config, tmp_path / "cache")
     predictor = Predictor(read_bundle(out))
     images = scan(data, "kermany", "val")
-    inputs = load_inputs(images, PreprocessConfig(), (32, 32))
+    inputs = load_inputs(images, ModelPreprocess(), (32, 32))
     probs = [p.probabilities[0] for p in predictor.predict([ModelInput(x, x.shape) for x in inputs])]
     assert all(0.0 <= p <= 1.0 for p in probs)
 

@@ -56,3 +56,23 @@ def test_bad_config() -> None:
         AugmentConfig(rotation_deg=-1)
     with pytest.raises(ValueError, match="batch"):
         augment(torch.zeros(1, 8, 8), AugmentConfig(), torch.Generator())
+
+
+def test_reencode_goes_through_the_inference_code_and_is_seeded() -> None:
+    import numpy as np
+
+    from training.transforms import ReencodeConfig, reencode_batch
+    from xraybatch.preprocess import equalise
+
+    rng = np.random.default_rng(0)
+    pictures = np.stack([equalise(rng.integers(0, 256, (32, 32))) for _ in range(6)])
+    cfg = ReencodeConfig(probability=1.0)
+    a = reencode_batch(pictures, cfg, np.random.default_rng(7))
+    b = reencode_batch(pictures, cfg, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == pictures.shape and a.dtype == np.float32 and 0 < a.min() and a.max() < 1
+    assert np.abs(a - pictures).mean() > 1e-3  # the views do change (window clipping, blur, noise, JPEG)
+    # bit depth, polarity and rescale alone: the equalised input of every encoding is the picture's own
+    plain = ReencodeConfig(probability=1.0, gamma=0, clip=0, blur=0, sharpen=0, noise=0, jpeg=0)
+    assert np.abs(reencode_batch(pictures, plain, np.random.default_rng(1)) - pictures).max() < 5e-3
+    np.testing.assert_array_equal(reencode_batch(pictures, ReencodeConfig(probability=0.0), rng), pictures)

@@ -336,6 +336,7 @@ def test_disagreement_on_pneumonia_is_stated(nih: Prediction, pneumonia: Predict
     (sentence,) = disagreements([nih, pneumonia])  # NIH Pneumonia 0.43 < 0.5, binary 0.83 >= 0.6
     assert sentence.startswith("The models disagree on Pneumonia:")
     assert "pneumonia-resnet@2.0 0.83 (present" in sentence and "nih-densenet@1.2 0.43 (absent" in sentence
+    assert "The result of record is pneumonia-resnet's, the model trained for Pneumonia alone" in sentence
     agreeing = Prediction("pneumonia-resnet", "2.0", BINARY_TARGETS, (0.1,), (0.6,))
     assert disagreements([nih, agreeing]) == []
     assert any("disagree" in line for line in findings_text([nih, pneumonia]))

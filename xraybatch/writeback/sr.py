@@ -167,7 +167,9 @@ def disagreements(predictions: Sequence[Prediction]) -> list[str]:
     -------
     list of str
         For example ``"The models disagree on Pneumonia: pneumonia@2.0 0.83 (present, threshold 0.60),
-        nih@1.2 0.12 (absent, threshold 0.50)"``; empty when they agree.
+        nih@1.2 0.12 (absent, threshold 0.50). The result of record is pneumonia's, the model trained for
+        Pneumonia alone; the other is a secondary output"``; empty when they agree. The single-target model's
+        call is the result of record wherever exactly one of the disagreeing models has that target alone.
     """
     by_target: dict[str, list[tuple[Prediction, int]]] = {}
     for p in predictions:
@@ -182,7 +184,12 @@ def disagreements(predictions: Sequence[Prediction]) -> list[str]:
                 f"({'present' if p.positive[i] else 'absent'}, threshold {p.thresholds[i]:.2f})"
                 for p, i in results
             ]
-            sentences.append(f"The models disagree on {label(target)}: " + ", ".join(parts))
+            sentence = f"The models disagree on {label(target)}: " + ", ".join(parts)
+            dedicated = [p for p, _ in results if len(p.targets) == 1]
+            if len(dedicated) == 1:  # one model was trained for this finding alone: its call is the one of record
+                sentence += (f". The result of record is {dedicated[0].model_name}'s, the model trained for "
+                             f"{label(target)} alone; the other is a secondary output")
+            sentences.append(sentence)
     return sentences
 
 
