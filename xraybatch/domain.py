@@ -157,6 +157,7 @@ class Prediction:
     targets: tuple[str, ...]
     probabilities: tuple[float, ...]
     thresholds: tuple[float, ...]
+    weights_sha256: str = ""  # of the bundle's weights file, checked at load; empty when not known
 
     def __post_init__(self) -> None:
         if not len(self.targets) == len(self.probabilities) == len(self.thresholds):

@@ -104,6 +104,7 @@ class Predictor:
                 targets=self.targets,
                 probabilities=tuple(float(p) for p in row),
                 thresholds=self.spec.thresholds,
+                weights_sha256=self.spec.sha256,
             )
             for row in probs
         ]

@@ -14,7 +14,7 @@ from xraybatch.domain import ModelInput
 from xraybatch.errors import ModelError
 from xraybatch.infer import Predictor, to_tensor
 from xraybatch.models.findings import NIH_TARGETS
-from xraybatch.models.registry import find_bundles, read_bundle
+from xraybatch.models.registry import find_bundles, read_bundle, sha256_of
 
 
 def _inputs(n: int, size: int) -> list[ModelInput]:
@@ -23,11 +23,14 @@ def _inputs(n: int, size: int) -> list[ModelInput]:
 
 
 def test_batched_equals_one_by_one(tiny_bundles: Path) -> None:
-    predictor = Predictor(read_bundle(tiny_bundles / "tiny-multilabel"))
+    spec = read_bundle(tiny_bundles / "tiny-multilabel")
+    predictor = Predictor(spec)
     inputs = _inputs(5, 48)
     together = predictor.predict(inputs)
     alone = [predictor.predict([i])[0] for i in inputs]
     assert together[0].targets == NIH_TARGETS and len(together[0].probabilities) == 15
+    # the weights' checked sha256 goes with every prediction: it names the device of the outputs
+    assert {p.weights_sha256 for p in together} == {sha256_of(spec.weights_file)}
     for a, b in zip(together, alone):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
         assert all(0.0 <= p <= 1.0 for p in a.probabilities)

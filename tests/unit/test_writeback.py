@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
+from tests import dciodvfy
 from tests.synth import make_dataset
 from xraybatch import __version__
 from xraybatch.domain import DisplayImage, Heatmap, OutputRecord, Prediction
@@ -116,24 +116,23 @@ def _write(
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
-    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+    return [line for line in dciodvfy.lines(path) if line.startswith("Error")]
 
 
 def _dciodvfy_warnings_of_ours(path: Path, source: pydicom.Dataset) -> list[str]:
     """dciodvfy warnings about what xraybatch wrote: those about values copied from the source are left out,
-    and so is the private scheme declared for the findings that have no standard code."""
-    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
+    and so are the validator's gaps (tests/dciodvfy.py: Device UID in Contributing Equipment, the declared
+    private scheme of the findings that have no standard code)."""
     source_values = {str(e.value) for e in source if e.VR not in ("SQ", "OB", "OW")}
     if not source.get("StudyID"):
         source_values.add("Study ID")  # "needed to build DICOMDIR - Study ID": the source has none
     ours = []
-    for line in (result.stdout + result.stderr).splitlines():
+    for line in dciodvfy.findings(path, private_scheme=(PRIVATE_SCHEME, PRIVATE_SCHEME_UID)):
         quoted = set(re.findall(r"<([^>]*)>", line)) | {line.rsplit(" - ", 1)[-1].strip()}
         if not line.startswith("Warning") or quoted & source_values:
             continue  # a value (or a missing value) copied from the source
-        if PRIVATE_SCHEME in line or PRIVATE_SCHEME_UID in line or "Person Name" in line:
-            continue  # the declared private scheme; names are copied from the source
+        if "Person Name" in line:
+            continue  # names are copied from the source
         ours.append(line)
     return ours
 
@@ -552,3 +551,25 @@ def test_dciodvfy_reports_no_errors(
     for record in records.values():
         assert _dciodvfy_errors(record.path) == [], record.kind
         assert _dciodvfy_warnings_of_ours(record.path, src) == [], record.kind
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+def test_dciodvfy_private_scheme_lines_are_its_declaration_and_uses(
+    source: pydicom.Dataset, predictions: tuple[Prediction, ...], tmp_path: Path
+) -> None:
+    """dciodvfy reports the declared private scheme once per place its designator is written (the Coding Scheme
+    Identification Sequence, then the Finding Type and the evaluation's name of each group that uses it) and
+    once for its UID; it does not read the declaration. Nothing else in the SR is reported about it."""
+    path = _write(source, predictions, tmp_path)["sr"].path
+    sr = pydicom.dcmread(path)
+    written = [e for e in sr.iterall() if e.keyword == "CodingSchemeDesignator" and e.value == PRIVATE_SCHEME]
+    groups = [t for p in predictions for t in p.targets if TARGET_CODES[t].scheme == PRIVATE_SCHEME]
+    assert groups and len(written) == 1 + 2 * len(groups)
+    lines = dciodvfy.lines(path)
+    term = "Warning - Unrecognized defined term <{}> for value 1 of attribute <{}>"
+    assert [ln for ln in lines if f"<{PRIVATE_SCHEME}>" in ln] == [
+        term.format(PRIVATE_SCHEME, "Coding Scheme Designator")
+    ] * len(written)
+    assert [ln for ln in lines if f"<{PRIVATE_SCHEME_UID}>" in ln] == [
+        term.format(PRIVATE_SCHEME_UID, "Coding Scheme UID")
+    ]

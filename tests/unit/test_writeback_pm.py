@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -14,8 +15,9 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEGLSLossless
 
+from tests import dciodvfy
 from tests.synth import make_dataset
-from xraybatch.domain import DisplayImage, Heatmap, Prediction
+from xraybatch.domain import DisplayImage, Heatmap, OutputRecord, Prediction
 from xraybatch.errors import InvalidInputError
 from xraybatch.models.findings import (
     BINARY_TARGETS,
@@ -65,30 +67,60 @@ def _outputs(source: pydicom.Dataset, predictions: tuple[Prediction, ...], outbo
 # --- codes -------------------------------------------------------------------------------------------------------
 
 
-def test_no_private_code_where_a_standard_one_exists() -> None:
-    """A private code is used only where neither pydicom's SCT/DCM dictionaries nor the chest CAD groups
-    (CID 6101-6105) hold a concept of that meaning."""
-    standard = {}
-    for scheme in ("SCT", "DCM"):
+# SNOMED CT's semantic tags are left out when names are compared: "Pleural thickening (finding)" matches
+_SEMANTIC_TAG = re.compile(r"\s*\((finding|disorder|morphologic abnormality|qualifier value|body structure)\)$")
+_STOP_WORDS = frozenset({"a", "and", "in", "of", "the", "with"})
+CHEST_CIDS = range(6100, 6130)  # the chest CAD context groups: Chest Component Category ... Chest Site Involvement
+
+
+def _name(text: str) -> str:
+    return " ".join(re.findall(r"[a-z]+", _SEMANTIC_TAG.sub("", text.lower().replace("_", " "))))
+
+
+def _stems(text: str) -> frozenset[str]:
+    """The words of a name cut to five letters: "Pleural thickening" and "Thickening of pleura" match."""
+    return frozenset(word[:5] for word in _name(text).split() if word not in _STOP_WORDS)
+
+
+def _standard_concepts() -> dict[tuple[str, str], str]:
+    """``(scheme, value) -> meaning`` of every concept in pydicom's dictionaries (every scheme, every CID)."""
+    concepts = {}
+    for scheme in codes.schemes():
         table = getattr(codes, scheme)
         for keyword in table.dir():
             code = getattr(table, keyword)
-            standard[code.meaning.lower()] = code
-    for cid in (6101, 6102, 6103, 6104, 6105):
+            concepts[(code.scheme_designator, code.value)] = code.meaning
+    for cid in CHEST_CIDS:
         group = getattr(codes, f"cid{cid}")
         for keyword in group.dir():
             code = getattr(group, keyword)
-            standard[code.meaning.lower()] = code
+            concepts[(code.scheme_designator, code.value)] = code.meaning
+    return concepts
+
+
+def test_no_private_code_where_a_standard_one_exists() -> None:
+    """A private code is used only where no concept of pydicom's dictionaries (every scheme, which includes
+    the chest CAD groups CID 6100-6129) has that name, exactly or with its words in another order or form;
+    concepts pydicom holds are taken from pydicom, never retyped."""
+    standard = _standard_concepts()
+    assert len(standard) > 10_000, "pydicom's code dictionaries were not read"
+    by_name = {_name(meaning): key for key, meaning in standard.items()}
     private = {t: c for t, c in TARGET_CODES.items() if c.scheme == PRIVATE_SCHEME}
     assert set(private) <= {"Pleural_Thickening"}, private
     for target, code in private.items():
-        for name in {code.meaning.lower(), target.replace("_", " ").lower()}:
-            assert name not in standard, f"{target}: {standard.get(name)} exists; use it instead of {code}"
-    # the concepts DICOM lists are taken from pydicom, not retyped
+        for name in (code.meaning, target):
+            wanted = _stems(name)
+            candidates = [(key, m) for key, m in standard.items() if wanted <= _stems(m)]
+            assert candidates == [], f"{target}: standard concepts {candidates} may name it; use one, not {code}"
     for target, code in TARGET_CODES.items():
         if code.source.startswith("pydicom"):
+            # the concepts DICOM lists are taken from pydicom by keyword, not retyped
             keyword = code.source.rsplit(".", 1)[1]
             assert getattr(getattr(codes, code.scheme), keyword).value == code.value, target
+        elif code.scheme != PRIVATE_SCHEME:
+            # a SNOMED CT concept given by id is one pydicom does not hold, under that id or that name
+            assert (code.scheme, code.value) not in standard, f"{target}: pydicom holds {code}; take it from there"
+            assert _name(code.meaning) not in by_name, f"{target}: pydicom holds {by_name[_name(code.meaning)]}"
     assert TARGET_CODES["Infiltration"].value == codes.cid6104.Infiltrate.value
 
 
@@ -183,9 +215,7 @@ def test_pm_off_by_configuration(source: pydicom.Dataset, predictions: tuple[Pre
 def test_pm_dciodvfy_clean(source: pydicom.Dataset, predictions: tuple[Prediction, ...], tmp_path: Path) -> None:
     records, _ = _outputs(source, predictions, tmp_path)
     for record in (r for r in records if r.kind == "pm"):
-        out = subprocess.run(["dciodvfy", str(record.path)], check=False, capture_output=True, text=True, timeout=60)
-        lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith(("Error", "Warning"))]
-        assert lines == [], lines
+        assert dciodvfy.findings(record.path) == [], record.path
 
 
 # --- UIDs, numbers, identity, paths -----------------------------------------------------------------------------
@@ -203,6 +233,75 @@ def test_uids_are_our_own_and_deterministic(source: pydicom.Dataset, predictions
     assert all(r.sop_instance_uid.startswith("1.2.840.99999.7.") and is_uid(r.sop_instance_uid) for r in sited)
     newer = (predictions[0], Prediction("pneumonia-resnet", "2.1", BINARY_TARGETS, (0.83,), (0.6,)))
     assert device_uid(newer) != device_uid(predictions), "a new model version is a new device"
+
+
+def _equipment_of_ours(ds: pydicom.Dataset) -> pydicom.Dataset:
+    (item,) = [e for e in ds.ContributingEquipmentSequence if e.Manufacturer == "xraybatch"]
+    return item
+
+
+def _content_items(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def _devices(records: list[OutputRecord]) -> set[tuple[str, str]]:
+    """(Device UID, Device Serial Number) of the Contributing Equipment item of every output, read back."""
+    devices = set()
+    for record in records:
+        ds = pydicom.dcmread(record.path)
+        if record.kind == "pm":
+            ds = hd.pm.ParametricMap.from_dataset(ds)
+        item = _equipment_of_ours(ds)
+        assert is_uid(item.DeviceUID) and re.fullmatch("[0-9a-f]{16}", item.DeviceSerialNumber), record.kind
+        assert (item.DeviceUID, item.DeviceSerialNumber) == (ds.DeviceUID, ds.DeviceSerialNumber), record.kind
+        devices.add((item.DeviceUID, item.DeviceSerialNumber))
+    return devices
+
+
+def test_device_uid_in_contributing_equipment_round_trip(
+    source: pydicom.Dataset, predictions: tuple[Prediction, ...], tmp_path: Path
+) -> None:
+    """SR, SC and maps of one run name one device (Device UID and serial of its models and their weights) in
+    Contributing Equipment and General Equipment; the SR's Device Observer is that device and its algorithm
+    identifications name the models of the equipment; a new model version or new weights is a new device."""
+    hashed = tuple(dataclasses.replace(p, weights_sha256=h * 64) for p, h in zip(predictions, "ab"))
+    records, _ = _outputs(source, hashed, tmp_path / "run")
+    assert sorted(r.kind for r in records) == ["pm", "pm", "sc", "sr"]
+    (device,) = _devices(records)
+    assert device[0] == device_uid(hashed)
+
+    sr = hd.sr.srread(next(r.path for r in records if r.kind == "sr"))
+    items = list(_content_items(sr))
+    (observer,) = [
+        i.UID for i in items if i.ConceptNameCodeSequence[0].CodeValue == codes.DCM.DeviceObserverUID.value
+    ]
+    assert observer == device[0], "the SR's Device Observer UID is the Device UID of its equipment"
+    (observer_serial,) = [
+        i.TextValue
+        for i in items
+        if i.ConceptNameCodeSequence[0].CodeValue == codes.DCM.DeviceObserverSerialNumber.value
+    ]
+    assert observer_serial == device[1]
+    names = [i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == codes.DCM.AlgorithmName.value]
+    versions = [
+        i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == codes.DCM.AlgorithmVersion.value
+    ]
+    assert len(names) == len(versions) == sum(len(p.targets) for p in predictions)
+    algorithms = {f"{n}@{v}" for n, v in zip(names, versions)}
+    assert algorithms == set(_equipment_of_ours(sr).SoftwareVersions[1:]) == {"nih-densenet@1.2", "pneumonia-resnet@2.0"}
+
+    changed = {
+        "newer": (hashed[0], dataclasses.replace(hashed[1], model_version="2.1")),
+        "retrained": (hashed[0], dataclasses.replace(hashed[1], weights_sha256="c" * 64)),
+        "weights unknown": predictions,
+    }
+    others = {name: _devices(_outputs(source, models, tmp_path / name)[0]) for name, models in changed.items()}
+    assert all(len(d) == 1 for d in others.values()), others
+    uids = {device[0]} | {uid for d in others.values() for uid, _ in d}
+    serials = {device[1]} | {serial for d in others.values() for _, serial in d}
+    assert len(uids) == len(serials) == 4, "a new version, new weights or unknown weights: another device"
 
 
 def test_instance_numbers_unique_within_each_series(predictions: tuple[Prediction, ...], tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 Target names are spelled as in the NIH ChestX-ray14 data (and ``Pneumonia`` for the binary model). Each finding
 is coded with a standard concept where one exists, in this order of preference:
 
-1. a concept of the DICOM chest CAD context groups (CID 6101-6105) or of pydicom's code dictionaries
-   (``pydicom.sr.codedict.codes.SCT`` / ``codes.DCM``): looked up by keyword, never retyped;
+1. a concept of the DICOM chest CAD context groups (CID 6100-6129) or of pydicom's code dictionaries
+   (``pydicom.sr.codedict.codes.SCT``, ``codes.DCM``, ...): looked up by keyword, never retyped;
 2. a SNOMED CT concept that DICOM does not list (``SCT``, the concept id and its preferred term);
 3. the private scheme ``99XRAYBATCH`` (declared with name, UID and responsible organisation in the SR's
    Coding Scheme Identification Sequence) only where neither exists.
@@ -85,6 +85,8 @@ TARGET_CODES: dict[str, FindingCode] = {
     "Edema": _dicom("SCT", "PulmonaryEdema"),
     "Emphysema": _snomed("87433001", "Pulmonary emphysema"),
     "Fibrosis": _dicom("SCT", "Fibrosis"),
+    # no concept in pydicom's dictionaries (any scheme) or in the chest CAD groups CID 6100-6129, no DCM
+    # code, no SNOMED CT id confirmed from a reliable source: private until one is (docs/outputs.md, "Codes")
     "Pleural_Thickening": _private("XRB-013", "Pleural thickening"),
     "Hernia": _snomed("84089009", "Hiatal hernia"),  # ChestX-ray14 "Hernia" is the hiatal hernia seen on a CXR
     "No Finding": _dicom("DCM", "NoAbnormality"),  # stated as "Finding = No abnormality", never as a finding

@@ -159,14 +159,40 @@ def instance_number(source: Dataset, kind: str, item: str = "") -> int:
     return 1 + int.from_bytes(digest[:8], "big") % 999_999_999
 
 
+def device_identity(predictions: Sequence[Prediction]) -> str:
+    """What makes xraybatch with these models one "device": each ``name@version#<weights sha256>``, sorted.
+
+    The weights' sha256 (checked when the bundle is loaded) is left out where a prediction does not carry
+    one. A retrained model is a new device even when its bundle keeps the version (IHE AI Results).
+
+    Parameters
+    ----------
+    predictions
+        One prediction per model.
+
+    Returns
+    -------
+    str
+        For example ``"nih-densenet@1.0#3f2a...,pneumonia@2.1#9b1c..."``.
+    """
+    return ",".join(
+        sorted(
+            f"{p.model_name}@{p.model_version}" + (f"#{p.weights_sha256}" if p.weights_sha256 else "")
+            for p in predictions
+        )
+    )
+
+
 def device_serial_number(predictions: Sequence[Prediction]) -> str:
-    """The serial number of the "device" that made an output: 16 hex digits of the model set's hash."""
-    return hashlib.sha256(model_set(predictions).encode()).hexdigest()[:16]
+    """The Device Serial Number of xraybatch with these models: 16 hex digits of the hash of
+    :func:`device_identity`."""
+    return hashlib.sha256(device_identity(predictions).encode()).hexdigest()[:16]
 
 
 def device_uid(predictions: Sequence[Prediction], root: str = "") -> str:
-    """The Device UID of xraybatch with this model set (IHE AIR: a new UID when a model changes)."""
-    return derive_uid(root, "device", MANUFACTURER, model_set(predictions))
+    """The Device UID of xraybatch with these models, derived from :func:`device_identity`: a new model
+    version or new weights give a new UID (IHE AI Results)."""
+    return derive_uid(root, "device", MANUFACTURER, device_identity(predictions))
 
 
 def usable_source(source: Dataset) -> Dataset:
@@ -249,11 +275,12 @@ def software_versions(predictions: Sequence[Prediction]) -> list[str]:
 def contributing_equipment(
     source: Dataset, predictions: Sequence[Prediction], institution: str, root: str = ""
 ) -> list[hd.ContributingEquipment]:
-    """The Contributing Equipment item that names xraybatch and the models (PS3.3 C.7.5.1).
+    """The Contributing Equipment item that names xraybatch and the models (SOP Common, PS3.3 C.12.1).
 
-    It carries the Device Serial Number of this model set, so a retrained model (a new version) shows as a
-    new device (IHE AI Results); the Device UID is in General Equipment (:func:`set_equipment`), where
-    dicom3tools' dictionary knows it (it reports one inside this sequence as not in the standard IOD).
+    It carries the Device UID (0018,1002) and Device Serial Number (0018,1000) of these models (the same
+    values as General Equipment and the SR's Device Observer), so a retrained model shows as a new device
+    (IHE AI Results). Device UID is a Type 3 attribute of this sequence in PS3.3; dicom3tools' dciodvfy
+    (2022 and 2026 builds) does not list it there and reports it as a Standard Extended attribute.
 
     Parameters
     ----------
@@ -280,11 +307,12 @@ def contributing_equipment(
         institution_name=institution or source.get("InstitutionName") or None,
         contribution_description=f"AI inference with {model_set(predictions)}; {SERIES_DESCRIPTION}",
     )
+    item.DeviceUID = device_uid(predictions, root)  # highdicom's constructor has no parameter for it
     return [item]
 
 
 def set_equipment(ds: Dataset, predictions: Sequence[Prediction], root: str = "") -> None:
-    """General Equipment of an output: the serial number and Device UID of this model set; file meta: ours."""
+    """General Equipment: Device Serial Number and Device UID of these models; file meta: our own."""
     ds.DeviceSerialNumber = device_serial_number(predictions)
     ds.DeviceUID = device_uid(predictions, root)
     ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
