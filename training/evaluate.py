@@ -470,7 +470,11 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
             "same numbers); the input cache is rebuilt when missing.")] if multilabel else []),
         (f"- Git revision: `{prov['git_revision']}`; seed {cfg['seed']}; {prov['epochs_run']} epochs run "
         f"(best epoch {prov['best_epoch']}), {prov['seconds_per_epoch']:.0f} s per epoch on {prov['device']} "
-        f"({prov['threads']} threads), {prov['total_minutes']:.1f} min in total."),
+        f"({prov['threads']} threads), "
+        + (f"{prov['training_minutes']:.1f} min of training epochs" if "training_minutes" in prov else
+           f"{prov['total_minutes']:.1f} min in total")
+        + (" (interrupted and resumed: the command above is the resumption that exported the bundle)"
+           if "--resume" in prov.get("command", "") else "") + "."),
         (f"- Loss `{cfg['loss']}` (focal gamma {cfg['focal_gamma']}, alpha {cfg['focal_alpha']}), class weighting "
         f"`{cfg['class_weighting']}` (max weight {cfg['max_class_weight']}), sampling `{cfg['sampling']}`"
         + (f" (repeat threshold {cfg.get('repeat_threshold')}, max repeat {cfg.get('max_repeat')}, share of "
@@ -478,7 +482,7 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
            else "")
         + f"; AdamW lr {cfg['lr']}, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}; ReduceLROnPlateau "
         f"(factor {cfg['lr_factor']}, patience {cfg['lr_patience']}); early stopping patience "
-        f"{cfg['early_stop_patience']}; augmentation {cfg['augment']}."),
+        f"{cfg['early_stop_patience']}; re-encoding {cfg.get('reencode', 'none')}; augmentation {cfg['augment']}."),
         "",
         "## Operating threshold" + ("s" if multilabel else ""),
     ]

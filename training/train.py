@@ -638,7 +638,8 @@ def export_bundle(
             "epochs_run": len(history),
             "best_epoch": best_epoch,
             "seconds_per_epoch": round(float(np.mean(seconds)), 1) if seconds else 0.0,
-            "total_minutes": round((time.time() - started) / 60.0, 1),
+            "total_minutes": round((time.time() - started) / 60.0, 1),  # this process: export only when resumed
+            "training_minutes": round(float(np.sum(seconds)) / 60.0, 1),  # every epoch, also across resumptions
             "device": str(device) if device.type != "cpu" else f"cpu ({os.cpu_count()} cores)",
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
