@@ -345,6 +345,67 @@ def evaluate(bundle: Path, data: Path, layout: str, split: str, report: Path | N
     click.echo(f"  confusion (rows true, cols predicted): {metrics['confusion_matrix']['rows_true_cols_pred']}")
 
 
+@train.command("consistency")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Data root the bundles were trained on (their split manifests name files relative to it).")
+@click.option("--n", "n", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Validation pictures per bundle: a seeded sample of the manifest's val rows (all when fewer).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sample.")
+@click.option("--threads", default=2, show_default=True, type=int, help="torch CPU threads of the pipeline.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the reports (one per bundle) to this JSON file.")
+@click.option("--write-card/--no-write-card", default=False, show_default=True,
+              help="Store the report in each bundle's model.json (metrics.encoding_spread) and refresh its card.")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the DICOM files and the results DB in this folder (default: a temporary folder).")
+def consistency(bundles: tuple[Path, ...], data: Path, n: int, seed: int, threads: int, json_out: Path | None,
+                write_card: bool, keep: Path | None) -> None:
+    """Measure how much a bundle's probabilities change with the encoding of the same image.
+
+    Validation pictures of each bundle (the val rows of its split_manifest.csv) are written as DICOM in six
+    encodings (8/10/12/15/16-bit, MONOCHROME1 and 2, with and without a window or VOI LUT, rescale, JPEG 2000 and
+    JPEG-LS lossless, JPEG baseline lossy), run through run-folder, and read back from the results DB. Prints
+    per target the max and median spread (max - min probability over the encodings of one picture), over the
+    lossless encodings and over all; the target is a max lossless spread <= 0.02.
+
+    \b
+    Example:
+        xraybatch train consistency xraybatch/bundles/pneumonia-binary --data ../shared/data/kermany --n 20
+        xraybatch train consistency my-nih-bundle --data ../shared/data/nih_cxr14 --json spread.json --write-card
+    """
+    import json
+
+    from training.consistency import measure_bundle, spread_summary, spread_table
+    from training.consistency import write_card as store
+    from xraybatch.errors import XrayBatchError
+
+    reports = []
+    for k, bundle in enumerate(bundles):
+        folder = None if keep is None else keep / f"{k:02d}-{bundle.name}"
+        try:
+            report = measure_bundle(bundle, data, n, seed, threads, keep=folder)
+        except (ValueError, FileNotFoundError, XrayBatchError) as err:
+            raise click.ClickException(str(err)) from err
+        reports.append(report)
+        click.echo(spread_summary(report))
+        click.echo(spread_table(report))
+        for row in report["not_done"][:5]:
+            click.echo(f"  not done: {row['file']} as {row['encoding']}: {row['state']} ({row['reason']})")
+        if write_card:
+            try:
+                card = store(bundle, report)
+            except XrayBatchError as err:
+                raise click.ClickException(str(err)) from err
+            click.echo(f"wrote metrics.encoding_spread into {bundle / 'model.json'} and refreshed {card}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        partial = json_out.with_name(json_out.name + ".part")
+        partial.write_text(json.dumps(reports, indent=2) + "\n", encoding="utf-8")
+        partial.replace(json_out)
+        click.echo(f"wrote {json_out}")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train()

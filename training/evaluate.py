@@ -517,6 +517,9 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
             names = plots.get(name, [])
             if names:
                 lines += [f"![{name} ROC]({names[0]}) ![{name} calibration]({names[1]})", ""]
+    from training.consistency import spread_card_lines
+
+    lines += spread_card_lines(metrics)  # "Encoding consistency", once `xraybatch train consistency` measured it
     auroc_name = "val mean AUROC (findings)" if multilabel else "val AUROC"
     lines += [
         "## Training history",

@@ -132,8 +132,16 @@ def to_model_input(display: DisplayImage, size: tuple[int, int]) -> ModelInput:
 
 
 def _voi_output_range(values: np.ndarray, ds: Dataset, prefer_lut: bool) -> tuple[float, float]:
-    """The output range of the VOI transform: the extremes of the input type pushed through it."""
-    if np.issubdtype(values.dtype, np.integer):
+    """The output range of the VOI transform: the extremes of the input type pushed through it.
+
+    A VOI LUT is probed over its own domain (PS3.3 C.11.2.1.1: every entry, first value mapped onwards): pydicom
+    indexes the LUT through an array of the LUT's dtype, so a probe outside that domain (the float extremes of
+    rescaled values, or input values beyond ``first + 65535``) wraps around instead of clipping.
+    """
+    if prefer_lut and ds.get("VOILUTSequence"):
+        entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+        probe = np.arange(first, first + (entries or 1 << 16), dtype=np.int64)
+    elif np.issubdtype(values.dtype, np.integer):
         info = np.iinfo(values.dtype)
         probe = np.array([info.min, info.max], dtype=values.dtype)
     else:

@@ -61,6 +61,21 @@ def test_voi_lut_sequence_preferred() -> None:
     assert "VOI LUT applied" in out.notes
 
 
+@pytest.mark.parametrize("slope", [1.0, 0.5])
+def test_voi_lut_sequence_after_rescale(slope: float) -> None:
+    # Rescale makes float modality values (even slope 1, intercept 0 does); the VOI LUT maps them all the same.
+    stored = np.array([[0, 2, 4, 6]], dtype=np.uint16).repeat(4, axis=0)
+    ds = make_dataset(stored, bits_stored=12, RescaleSlope=slope, RescaleIntercept=10)
+    item = Dataset()
+    item.LUTDescriptor = [7, 10, 8]  # 7 entries, first input value 10, 8-bit output
+    item.LUTData = [0, 51, 51, 102, 102, 204, 255]
+    ds.VOILUTSequence = [item]
+    out = preprocess.to_display(_image(ds, stored), CFG)
+    expected = {1.0: [0.0, 0.2, 0.4, 1.0], 0.5: [0.0, 0.2, 0.2, 0.4]}[slope]
+    np.testing.assert_allclose(out.pixels[0], expected, atol=1e-6)
+    assert "VOI LUT applied" in out.notes
+
+
 def test_percentile_window_without_voi() -> None:
     pixels = np.arange(1000, dtype=np.uint16).reshape(25, 40)
     out = preprocess.to_display(_image(make_dataset(pixels), pixels), CFG)
