@@ -54,12 +54,11 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How stored pixel values become the [0, 1] display image of the Secondary Capture.
+    """How stored pixel values become the [0, 1] display image of the Secondary Capture."""
 
-    The model input is not set here: each bundle's ``model.json`` fixes its own (binding; see
-    :class:`xraybatch.models.registry.ModelPreprocess`). ``contrast``, when set, states what the site expects of
-    every bundle; a bundle made otherwise stops the start-up with a message that names both.
-    """
+    # The model input is not set here: each bundle's model.json fixes its own (binding; see
+    # xraybatch.models.registry.ModelPreprocess). `contrast`, when set, states what the site expects of every
+    # bundle; a bundle made otherwise stops the start-up with a message that names both.
 
     percentile_window: tuple[float, float] = (0.5, 99.5)  # display window when the file has no VOI
     prefer_voi_lut: bool = True  # use a VOI LUT Sequence over Window Center/Width when both exist
