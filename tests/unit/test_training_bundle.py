@@ -26,7 +26,8 @@ def test_bundle_format_and_provenance() -> None:
     prov = meta["provenance"]
     assert prov["command"].startswith("xraybatch train binary --data ")
     assert prov["git_revision"] and prov["seed"] and prov["epochs_run"] >= 1 and prov["seconds_per_epoch"] > 0
-    assert meta["preprocessing"]["percentile_window"] == [0.5, 99.5]
+    assert meta["preprocessing"]["contrast"] == "equalise" and spec.preprocess.contrast == "equalise"
+    assert meta["metrics"]["encoding_spread"]  # measured through run-folder, in the card too
     val = meta["metrics"]["validation"]
     assert sum(c["support"] for c in val["per_class"].values()) == val["n"] == prov["images"]["val"]
     assert spec.thresholds == (val["threshold"],)
