@@ -45,7 +45,7 @@ LAYOUTS = ("kermany", "nih", "dicom")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 KERMANY_CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
-CACHE_VERSION = 3  # bump when the way inputs are produced changes, to invalidate old caches
+CACHE_VERSION = 4  # bump when the way inputs are produced changes, to invalidate old caches
 
 _PERSON = re.compile(r"^person(\d+)_", re.IGNORECASE)
 _IM = re.compile(r"^(?:NORMAL2-)?IM-(\d+)-", re.IGNORECASE)

@@ -259,7 +259,7 @@ def model_inputs(image: XrayImage, plans: list[tuple[ModelPreprocess, tuple[int,
             else:
                 full[pre] = to_display(image, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)).pixels
         if pre.contrast == "equalise":
-            out[(pre, size)] = ModelInput(pixels=equalise(resample(full[pre], size, np.float64)), source_shape=shape)
+            out[(pre, size)] = ModelInput(pixels=_ranked(resample(full[pre], size, np.float64)), source_shape=shape)
         else:
             out[(pre, size)] = _resampled(full[pre], size)
     return out
@@ -277,8 +277,22 @@ def model_input_8bit(pixels: np.ndarray, pre: ModelPreprocess, size: tuple[int, 
         raise ValueError(f"expected a 2-D grayscale or 3-D colour array, got shape {pixels.shape}")
     if pre.contrast == "equalise":
         shape = (pixels.shape[0], pixels.shape[1])
-        return ModelInput(pixels=equalise(resample(np.asarray(pixels, np.float64), size, np.float64)), source_shape=shape)
+        return ModelInput(pixels=_ranked(resample(np.asarray(pixels, np.float64), size, np.float64)), source_shape=shape)
     return to_model_input(from_8bit(pixels, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)), size)
+
+
+def _ranked(values: np.ndarray) -> np.ndarray:
+    """:func:`equalise` of resampled values, after mapping them onto [0, 1] and rounding to float32.
+
+    Two affine encodings of one picture resample to values that are equal in exact arithmetic but differ in the
+    last bits of float64, which would break their ties in different orders. On the common [0, 1] scale the
+    float32 rounding puts such values back together (distinct values closer than about 1e-7 of the range merge,
+    the same way in every encoding).
+    """
+    low, high = float(values.min()), float(values.max())
+    if not high > low:
+        raise InvalidInputError("the image has no contrast (all pixels map to one value)")
+    return equalise(((values - low) / (high - low)).astype(np.float32))
 
 
 def _resampled(pixels: np.ndarray, size: tuple[int, int]) -> ModelInput:

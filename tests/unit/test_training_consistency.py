@@ -168,7 +168,7 @@ def test_display_bundle_spread_is_measured(tmp_path: Path) -> None:
         picture = (100 + chest_picture(64, i % 2 == 0, rng).astype(np.float64) * 50 / 255).astype(np.uint8)
         Image.fromarray(picture).save(data / "val" / f"p{i}.png")
         files.append(data / "val" / f"p{i}.png")
-    bundle = make_tiny_bundle(tmp_path / "display", size=32)
+    bundle = make_tiny_bundle(tmp_path / "display", size=32, contrast="display")
     meta = json.loads((bundle / "model.json").read_text())
     meta["input"]["std"] = [0.05]
     (bundle / "model.json").write_text(json.dumps(meta))

@@ -27,10 +27,10 @@ SIZE = (224, 224)
 EQUALISE = ModelPreprocess("equalise")
 DISPLAY = ModelPreprocess("display")
 LOSSLESS = [e for e in ENCODINGS if e.lossless]
-# Measured on the pictures below (twice the model input or more, so the resampling averages): JPEG quality 90
-# moves an equalised input pixel by at most 0.067 and by 0.008 on average. On real training images it is
-# 0.02-0.06 at most and 0.002 on average; at 224 px without averaging a noisy synthetic picture reaches 0.25.
-JPEG_MAX, JPEG_MEAN = 0.1, 0.012
+# JPEG baseline q90 of the synthetic pictures (512 and 600x560 px), measured with the model input resampled
+# before it is ranked: an equalised input pixel moves by at most 0.12 and by about 0.01 on average (ranking
+# amplifies JPEG noise in flat regions). The bounds leave a little room over those measurements.
+JPEG_MAX, JPEG_MEAN = 0.15, 0.012
 
 
 def _pictures() -> dict[str, np.ndarray]:

@@ -57,7 +57,8 @@ def test_objective_scores_threshold_on_one_half_only() -> None:
     labels = np.array([0, 0, 1, 1, 0, 0, 1, 1])
     probs = np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7, 0.6, 0.95])
     scores = objective_scores(labels, probs, np.arange(4), np.arange(4, 8), min_recall=1.0)
-    # threshold from the first half: 0.8 (lowest positive); second half at 0.8: positives 0.6 missed, 0.95 hit
-    assert scores["threshold"] == pytest.approx(0.8)
-    assert scores["pneumonia_recall"] == 0.5 and scores["normal_recall"] == 1.0
+    # threshold from the first half: every threshold in (0.2, 0.8] separates it, the Youden rule takes the middle
+    # of that run in logit space, 0.5; second half at 0.5: positives 0.6 and 0.95 hit, negative 0.7 called too
+    assert scores["threshold"] == pytest.approx(0.5)
+    assert scores["pneumonia_recall"] == 1.0 and scores["normal_recall"] == 0.5
     assert scores["balanced_accuracy"] == 0.75
