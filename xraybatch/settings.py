@@ -83,6 +83,13 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The learned input gate: a bundle's check that the pixels are a frontal chest radiograph like its training data."""
+
+    enabled: bool = True  # bundles with a "gate" block stop images that score over its threshold (not_applicable)
+
+
+@dataclass(frozen=True)
 class ExplainConfig:
     """Grad-CAM for positive findings."""
 
@@ -184,6 +191,7 @@ class Settings:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     db: DbConfig = field(default_factory=DbConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
