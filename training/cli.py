@@ -122,6 +122,9 @@ def _command_line(ctx: click.Context) -> list[str]:
         value = ctx.params[param.name]
         if isinstance(param, click.Option) and param.is_flag:
             words.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
+        elif isinstance(param, click.Option) and param.multiple:
+            for each in value:
+                words += [param.opts[0], str(each)]
         elif isinstance(param, click.Option):
             words += [param.opts[0], str(value)]
         else:

@@ -414,7 +414,7 @@ def build_items(
         items.append(Item(path, "rot90", "reject:rotated 90", digest))
         items.append(Item(path, "flipud", "reject:upside down", digest))
     for path in image_files(reject):
-        items.append(Item(path, "", f"reject:{path.name}", file_sha256(path)))
+        items.append(Item(path, "", "reject:file", file_sha256(path)))
     for kind in GENERATED_KINDS:
         per_kind = generated if kind in ("noise", "gradient") else 2 * generated
         items += [Item(None, f"{kind}:{SEED + i}", f"negative:train:{kind}") for i in range(per_kind)]
@@ -461,9 +461,9 @@ def fit_scores(features: np.ndarray, groups: Sequence[str], cfg: GateFitConfig) 
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
 
-    groups = np.asarray(groups)
-    chest = np.char.startswith(groups.astype(str), "chest:train:")
-    negative = np.char.startswith(groups.astype(str), "negative:train:")
+    names = np.asarray(groups).astype(str)
+    chest = np.char.startswith(names, "chest:train:")
+    negative = np.char.startswith(names, "negative:train:")
     if chest.sum() < 2 * cfg.components or negative.sum() < 10:
         raise ValueError(f"the gate needs at least {2 * cfg.components} training chests and 10 negatives, "
                          f"got {int(chest.sum())} and {int(negative.sum())}")
@@ -484,7 +484,7 @@ def fit_scores(features: np.ndarray, groups: Sequence[str], cfg: GateFitConfig) 
         "center": center, "scale": scale, "components": pca.components_, "mean": lw.location_,
         "precision": lw.precision_, "coef": classifier.coef_[0], "intercept": classifier.intercept_,
     }
-    negatives = sorted({g.split(":", 2)[2] for g in groups[negative]})
+    negatives = sorted({g.split(":", 2)[2] for g in names[negative]})
     scores = [
         {"name": "distance", "kind": "mahalanobis",
          "definition": (f"Mahalanobis distance of the pooled features (standardised, projected on their first "
@@ -513,11 +513,11 @@ def choose_thresholds(scores: np.ndarray, groups: Sequence[str], margin: float) 
     spread: a score far out of their range is needed to refuse an image. The training side counts too because
     its tail can be the heavier one (a small validation side misses rare images of a source).
     """
-    groups = np.asarray(groups).astype(str)
-    val = np.char.startswith(groups, "chest:val:")
+    names = np.asarray(groups).astype(str)
+    val = np.char.startswith(names, "chest:val:")
     if not val.any():
         raise ValueError("no validation chest radiographs: the thresholds are chosen on them")
-    top = scores[val | np.char.startswith(groups, "chest:train:")].max(axis=0)
+    top = scores[val | np.char.startswith(names, "chest:train:")].max(axis=0)
     return top + margin * (top - np.median(scores[val], axis=0))
 
 
@@ -528,7 +528,7 @@ def _refused(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 def gate_report(scores: np.ndarray, groups: Sequence[str], labels: Sequence[str], thresholds: np.ndarray,
                 names: Sequence[str]) -> dict[str, Any]:
     """Score distributions per group, false-reject and reject rates, and every must-reject case's scores."""
-    groups = np.asarray(groups).astype(str)
+    kinds = np.asarray(groups).astype(str)
     refused = _refused(scores, thresholds)
 
     def block(mask: np.ndarray) -> dict[str, Any]:
@@ -538,23 +538,24 @@ def gate_report(scores: np.ndarray, groups: Sequence[str], labels: Sequence[str]
         return out
 
     report: dict[str, Any] = {"groups": {}, "test_cases": {}}
-    for group in sorted(set(groups)):
+    for group in sorted(set(kinds.tolist())):
         if not group.startswith("reject:"):
-            report["groups"][group] = block(groups == group)
+            report["groups"][group] = block(kinds == group)
     for side in ("train", "val"):
-        chest = np.char.startswith(groups, f"chest:{side}:")
-        negative = np.char.startswith(groups, f"negative:{side}:")
+        chest = np.char.startswith(kinds, f"chest:{side}:")
+        negative = np.char.startswith(kinds, f"negative:{side}:")
         report[f"{side}_chests"] = block(chest)
         report[f"{side}_negatives"] = block(negative)
     report["false_reject_rate_validation"] = report["val_chests"]["rate_refused"]
-    for i in np.flatnonzero(np.char.startswith(groups, "reject:")):
-        case = f"{groups[i].split(':', 1)[1]}: {labels[i]}"
+    for i in np.flatnonzero(np.char.startswith(kinds, "reject:")).tolist():
+        case = f"{kinds[i].split(':', 1)[1]}: {labels[i]}"
         report["test_cases"][case] = {**{n: round(float(scores[i, j]), 3) for j, n in enumerate(names)},
                                       "refused": bool(refused[i])}
     return report
 
 
-def write_gate(bundle: Path, fitted: FittedGate, thresholds: Sequence[float], extra: dict[str, Any]) -> dict[str, Any]:
+def write_gate(bundle: Path, fitted: FittedGate, thresholds: Sequence[float] | np.ndarray,
+               extra: dict[str, Any]) -> dict[str, Any]:
     """Write ``gate.safetensors`` and the ``gate`` block of ``model.json`` into ``bundle``; returns the block."""
     from safetensors.numpy import save_file
 
@@ -612,6 +613,13 @@ def _write_card_section(bundle: Path, block: dict[str, Any]) -> None:
         first = row[names[0]]
         cells = " | ".join(f"{row[n]['min']} / {row[n]['median']} / {row[n]['max']}" for n in names)
         lines.append(f"| {key} | {first['n']} | {cells} | {row['refused']} ({row['rate_refused']:.2%}) |")
+    checks = [(g, row) for g, row in report["groups"].items() if g.startswith("check:")]
+    if checks:
+        lines += ["", "Checks on validation chests (neither is a negative; reported, not enforced):", "",
+                  "| images | n | " + " | ".join(f"{n} max" for n in names) + " | refused |",
+                  "|---|---|" + "---|" * len(names) + "---|"]
+        lines += [f"| {g.split(':', 2)[2]} | {row[names[0]]['n']} | " + " | ".join(str(row[n]["max"]) for n in names)
+                  + f" | {row['refused']} |" for g, row in checks]
     lines += ["", "Must-reject cases (the command fails if one passes):", ""]
     lines += [f"- {case}: " + ", ".join(f"{n} {v[n]}" for n in names) + (" (refused)" if v["refused"] else " (PASSED)")
               for case, v in report["test_cases"].items()]

@@ -485,7 +485,8 @@ def as_toml(settings: Settings) -> str:
     lines = [entry(settings, name) for name in _TOP_LEVEL]
     for section in _section_types():
         sub = getattr(settings, section)
-        lines += ["", f"[{section}]  # {(type(sub).__doc__ or '').strip()}"]
+        summary = (type(sub).__doc__ or "").strip().splitlines()[:1]  # the docstring's first line: TOML has no
+        lines += ["", f"[{section}]  # {''.join(summary)}"]  # multi-line comments
         lines += [entry(sub, f.name) for f in dataclasses.fields(sub)]
     return "\n".join(lines) + "\n"
 

@@ -145,10 +145,11 @@ def _wrapped(picture: Path, out: Path, **kwargs: object) -> Path:
 
 
 def _val_pictures(bundle: str, root: str, n: int) -> list[Path]:
-    """The first ``n`` validation images of a shipped bundle's split manifest, under ../shared/data/ROOT."""
+    """``n`` validation images, evenly spread, of a shipped bundle's split manifest, under ../shared/data/ROOT
+    (not the 64 px NIH copies: the header rules reject images under 128 pixels before the gate)."""
     manifest = SHIPPED_BUNDLES / bundle / "split_manifest.csv"
     with open(manifest, newline="", encoding="utf-8") as fh:
-        rows = [r["file"] for r in csv.DictReader(fh) if r["split"] == "val"]
+        rows = [r["file"] for r in csv.DictReader(fh) if r["split"] == "val" and not r["file"].startswith("images_64/")]
     step = max(1, len(rows) // n)
     return [shared_file(f"{root}/{f}") for f in rows[::step][:n]]
 
@@ -198,9 +199,16 @@ def test_the_gate_keeps_real_chest_radiographs(tmp_path: Path) -> None:
     pictures += sorted((SHARED_DATA / "kermany" / "val" / "NORMAL").glob("*.jpeg"))[:2]
     for i, picture in enumerate(pictures):
         _wrapped(picture, inbox / f"val-{i:02d}.dcm", view="AP" if "kermany" in str(picture) else "PA")
+    for i, picture in enumerate(pictures[5:7]):  # another encoding: 12-bit MONOCHROME1 with a full-range window
+        from PIL import Image
+
+        with Image.open(picture) as img:
+            stored = (255 - np.asarray(img.convert("L")).astype(np.uint16)) * 16
+        write_dicom(inbox / f"mono1-{i}.dcm", ds=make_dataset(stored, photometric="MONOCHROME1", bits_stored=12,
+                                                               WindowCenter=2048, WindowWidth=4096))
 
     rows, notes = _states(tmp_path, inbox)
-    assert len(rows) == 2 + len(pictures)
+    assert len(rows) == 4 + len(pictures)
     assert {name: r["state"] for name, r in rows.items()} == dict.fromkeys(rows, "done"), {
         name: r["reason"] for name, r in rows.items() if r["state"] != "done"}
     assert all(any(n.startswith("input gate of ") for n in notes[name]) for name in rows)

@@ -114,7 +114,9 @@ def test_the_command_writes_a_gate_the_pipeline_reads(kermany_bundle: tuple[Path
     assert "input gate written (gate.safetensors); false-reject rate on validation 0.0000" in result.output
     assert "must reject noise: generated noise" in result.output
     block = json.loads((bundle / "model.json").read_text())["gate"]
-    assert block["provenance"]["command"][:3] == ["xraybatch", "train", "gate"]
+    command = block["provenance"]["command"]
+    assert command[:4] == ["xraybatch", "train", "gate", str(bundle)]
+    assert command[command.index("--data"):command.index("--data") + 2] == ["--data", str(root)]  # one per value
     assert block["provenance"]["config"]["margin"] == tg.GateFitConfig().margin == 1.0
     assert block["report"]["val_chests"]["refused"] == 0 and block["false_reject_rate_validation"] == 0.0
     assert all(case["refused"] for case in block["report"]["test_cases"].values())
