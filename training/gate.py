@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -565,6 +566,9 @@ def write_gate(bundle: Path, fitted: FittedGate, thresholds: Sequence[float] | n
     file = bundle / "gate.safetensors"
     tmp = bundle / "gate.safetensors.tmp"
     save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in fitted.tensors.items()}, str(tmp))
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o666 & ~mask)  # safetensors writes 0600; the bundle's other files follow the umask
     tmp.replace(file)
     channels = int(fitted.tensors["center"].shape[0]) // len(PARTS)
     block: dict[str, Any] = {

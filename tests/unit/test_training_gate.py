@@ -123,6 +123,7 @@ def test_the_command_writes_a_gate_the_pipeline_reads(kermany_bundle: tuple[Path
     assert [s["name"] for s in block["scores"]] == ["distance", "classifier"]
     gate = read_gate(read_bundle(bundle))
     assert gate is not None and gate.channels == 32
+    assert (bundle / "gate.safetensors").stat().st_mode & 0o777 == (bundle / "model.json").stat().st_mode & 0o777
     # The thresholds are those of the rule on the chests' scores, recomputed here.
     items = [i for i in tg.build_items([root], [manifest], [], [], [], 4, 2, 2) if i.group.startswith("chest:")]
     scores = gate.score_features(tg.extract_features(read_bundle(bundle), items, tmp_path / "cache"))
