@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("separable_cnn", "efficientnet_lite0", "resnet50")
 CONFIGS = Path(__file__).resolve().parent / "configs"
+GATE_DEFAULTS = {"components": 64, "classifier_c": 0.1, "margin": 1.0, "negatives_per_transform": 100, "generated": 100}
 
 
 def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,6 +122,9 @@ def _command_line(ctx: click.Context) -> list[str]:
         value = ctx.params[param.name]
         if isinstance(param, click.Option) and param.is_flag:
             words.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
+        elif isinstance(param, click.Option) and param.multiple:
+            for each in value:
+                words += [param.opts[0], str(each)]
         elif isinstance(param, click.Option):
             words += [param.opts[0], str(value)]
         else:
@@ -301,6 +305,86 @@ def tune(data: Path, storage: Path, study_name: str, trials: int, timeout: float
     click.echo("# best settings, as TOML for --config (only what differs from the base settings)")
     for line in toml_changes(best_config(study, cfg), cfg):
         click.echo(line)
+
+
+@train.command("gate")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data", required=True, multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A training-data root (Kermany, NIH, DICOM layout); repeat for each. Its split manifest's train "
+                   "side is fitted on, its val side sets the threshold.")
+@click.option("--manifest", "manifests", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Split manifest of each --data, in order (default: that of BUNDLE or of the shipped bundle "
+                   "trained on the same layout).")
+@click.option("--val-images", "val_images", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="More chest radiographs (files or folders: JPEG, PNG, DICOM) that must pass.")
+@click.option("--turn", "turn", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Chest radiographs that must pass, and must be refused turned 90 degrees and upside down.")
+@click.option("--reject", "reject", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Images (files or folders) that must be refused, e.g. a CR extremity, a lateral, a pet's thorax.")
+@click.option("--components", type=int, default=GATE_DEFAULTS["components"], show_default=True,
+              help="PCA components of the distance score.")
+@click.option("--classifier-c", type=float, default=GATE_DEFAULTS["classifier_c"], show_default=True,
+              help="Inverse L2 strength (scikit-learn C) of the logistic classifier.")
+@click.option("--margin", type=float, default=GATE_DEFAULTS["margin"], show_default=True,
+              help="Threshold = max over validation chests + MARGIN x (that max - their median).")
+@click.option("--negatives", type=int, default=GATE_DEFAULTS["negatives_per_transform"], show_default=True,
+              help="Training chests per negative transform and data root.")
+@click.option("--generated", type=int, default=GATE_DEFAULTS["generated"], show_default=True,
+              help="Noise and gradient pictures among the negatives (textures and shapes: twice as many).")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--cache-dir", default="data-cache", show_default=True, help="Cache of the computed features.")
+@click.pass_context
+def gate(ctx: click.Context, bundle: Path, data: tuple[Path, ...], manifests: tuple[Path, ...],
+         val_images: tuple[Path, ...], turn: tuple[Path, ...], reject: tuple[Path, ...], components: int,
+         classifier_c: float, margin: float, negatives: int, generated: int, threads: int, cache_dir: str) -> None:
+    """Fit BUNDLE's input gate on its own backbone features and write it into the bundle.
+
+    The pooled backbone features (whole map and halves) of the training chest radiographs of every --data root
+    give a distance (Mahalanobis) and, against negatives made from them (turned, upside down, cropped) and
+    pictures that are no radiograph (noise, gradients, textures, the non-chest images of pydicom-data), a
+    logistic classifier. The thresholds keep every validation chest radiograph in, with a margin; the command
+    fails, writing nothing, if a --reject image, a --turn chest turned or upside down, noise or a gradient would
+    pass. Writes gate.safetensors and the "gate" block of model.json (scores, thresholds, rule, score
+    distributions, false-reject rate), and the model card's "Input gate" section. Features are cached in
+    --cache-dir. See docs/training.md, "The input gate".
+
+    \b
+    Example:
+        xraybatch train gate xraybatch/bundles/nih-multilabel \\
+            --data ../shared/data/kermany --data ../shared/data/nih_cxr14 \\
+            --val-images ../shared/data/kermany/val --val-images ../shared/data/dicom/torchxrayvision_tests \\
+            --turn ../shared/data/dicom/pydicom_data_wg04/RG1_UNCI.dcm \\
+            --reject ../shared/data/dicom/pydicom_data_wg04/RG3_UNCI.dcm \\
+            --reject ../shared/data/dicom/highdicom_test_files/dx_image.dcm
+    """
+    from training.gate import GateFitConfig, fit_gate
+    from xraybatch.errors import ModelError
+    from xraybatch.infer import set_threads
+
+    set_threads(threads)
+    if len(manifests) > len(data):
+        raise click.ClickException(f"{len(manifests)} --manifest for {len(data)} --data; give at most one per --data")
+    cfg = GateFitConfig(components=components, classifier_c=classifier_c, margin=margin,
+                        negatives_per_transform=negatives, generated=generated)
+    try:
+        block = fit_gate(bundle, data, manifests, val_images, reject, turn, cfg,
+                         cache_dir=Path(cache_dir) if cache_dir else None, command=_command_line(ctx))
+    except (ValueError, FileNotFoundError, ModelError) as err:
+        raise click.ClickException(str(err)) from err
+    report = block["report"]
+    click.echo(f"bundle {bundle}: input gate written ({block['file']}); false-reject rate on validation "
+               f"{block['false_reject_rate_validation']:.4f} ({report['val_chests']['refused']} of "
+               f"{report['val_chests'][block['scores'][0]['name']]['n']} chests)")
+    for s in block["scores"]:
+        click.echo(f"  {s['name']:<10} threshold {s['threshold']:.4f}")
+    for name, row in report["groups"].items():
+        cells = "  ".join(f"{s['name']} {row[s['name']]['min']:.2f}/{row[s['name']]['median']:.2f}/"
+                          f"{row[s['name']]['max']:.2f}" for s in block["scores"])
+        click.echo(f"  {name:<28} n={row[block['scores'][0]['name']]['n']:<5} {cells}  refused "
+                   f"{row['rate_refused']:.2%}")
+    for case, v in report["test_cases"].items():
+        click.echo(f"  must reject {case}: " + ", ".join(f"{s['name']} {v[s['name']]:.2f}" for s in block["scores"]))
 
 
 @train.command("evaluate")

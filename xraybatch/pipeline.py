@@ -1,6 +1,6 @@
 """The order of the stages, and the only per-file catch-all.
 
-    file -> ingest -> preprocess -> infer -> explain -> write back -> persist
+    file -> ingest -> preprocess -> infer -> input gate -> explain -> write back -> persist
 
 :class:`Processor` holds what is loaded once per process (model bundles, the database engine) and takes a
 batch of rows claimed from the queue through every stage (:meth:`Processor.process_claimed`, the executor of
@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xraybatch import ingest, logs, preprocess
+from xraybatch import gate, ingest, logs, preprocess
 from xraybatch.domain import (
     DisplayImage,
     InstanceHeader,
@@ -209,6 +209,7 @@ class Processor:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"  # who claims; finish checks it
         self.model_set = ",".join(sorted(p.spec.model_id for p in self.predictors))
         self._plans = list(dict.fromkeys((p.spec.preprocess, p.spec.input.size) for p in self.predictors))
+        self._gates = gate.load_gates(self.predictors, settings.gate)
         self._pool: ProcessPoolExecutor | None = None
 
     @classmethod
@@ -384,6 +385,7 @@ class Processor:
             feats = predictor.forward([item.inputs[plan] for item in ready])
             features.append(feats)
             per_model.append(predictor.to_predictions(feats))
+        verdicts = gate.judge(self._gates, features)
         infer_each = (time.perf_counter() - start) / len(ready)
 
         outcomes: dict[int, Outcome] = {}
@@ -393,6 +395,8 @@ class Processor:
             predictions = tuple(preds[i] for preds in per_model)
             header = item.image.header
             try:
+                if not verdicts[i].passed:
+                    raise NotApplicableError(verdicts[i].text)
                 any_input = next(iter(item.inputs.values()))
                 heatmaps = explain.gradcam(
                     self.predictors, features, i, any_input, predictions, self.settings.explain
@@ -404,9 +408,11 @@ class Processor:
                 )
                 clock.lap("writeback")
                 outcome = Outcome(
-                    item.received_path, State.DONE, "", header, predictions, outputs, item.display.notes,
-                    clock.timings,
+                    item.received_path, State.DONE, "", header, predictions, outputs,
+                    item.display.notes + ((verdicts[i].text,) if verdicts[i].text else ()), clock.timings,
                 )
+            except NotApplicableError as err:  # the input gate: no findings, no outputs
+                outcome = Outcome(item.received_path, State.NOT_APPLICABLE, str(err), header, timings=clock.timings)
             except InvalidInputError as err:  # e.g. a source UID that cannot name an output
                 outcome = Outcome(
                     item.received_path, State.REJECTED, str(err), header, predictions, timings=clock.timings,

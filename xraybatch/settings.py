@@ -82,6 +82,13 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The learned input gate: a bundle's check that the pixels are a frontal chest radiograph like its training data."""
+
+    enabled: bool = True  # bundles with a "gate" block stop images that score over its threshold (not_applicable)
+
+
+@dataclass(frozen=True)
 class ExplainConfig:
     """Grad-CAM for positive findings."""
 
@@ -183,6 +190,7 @@ class Settings:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     db: DbConfig = field(default_factory=DbConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -476,7 +484,8 @@ def as_toml(settings: Settings) -> str:
     lines = [entry(settings, name) for name in _TOP_LEVEL]
     for section in _section_types():
         sub = getattr(settings, section)
-        lines += ["", f"[{section}]  # {(type(sub).__doc__ or '').strip()}"]
+        summary = (type(sub).__doc__ or "").strip().splitlines()[:1]  # the docstring's first line: TOML has no
+        lines += ["", f"[{section}]  # {''.join(summary)}"]  # multi-line comments
         lines += [entry(sub, f.name) for f in dataclasses.fields(sub)]
     return "\n".join(lines) + "\n"
 

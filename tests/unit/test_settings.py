@@ -59,3 +59,14 @@ def test_as_toml_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "out.toml"
     path.write_text(as_toml(s))
     assert load_settings(path, environ={}) == s
+
+
+def test_the_input_gate_is_on_by_default_and_turned_off_by_file_or_environment(tmp_path: Path) -> None:
+    assert load_settings(environ={}).gate.enabled is True
+    assert load_settings(environ={"XRAYBATCH_GATE_ENABLED": "false"}).gate.enabled is False
+    cfg = tmp_path / "x.toml"
+    cfg.write_text("[gate]\nenabled = false\n")
+    assert load_settings(cfg, environ={}).gate.enabled is False
+    cfg.write_text("[gate]\nenabled = 'sometimes'\n")
+    with pytest.raises(ConfigError, match=r"\[gate\] enabled: expected true/false"):
+        load_settings(cfg, environ={})
