@@ -96,8 +96,21 @@ def daemon(tmp: Path, models: list[Path], watch: dict[str, float], decode_proces
         proc.wait(60)
 
 
-def _files(folder: Path) -> int:
-    return sum(len(files) for _, _, files in os.walk(folder)) if folder.exists() else 0
+class Reports:
+    """Counts the Structured Reports under an outbox folder: the SR is the last object written for an image
+    (after the Secondary Capture and the Parametric Maps), so its arrival ends the image's processing."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._modality: dict[Path, str] = {}
+
+    def __call__(self) -> int:
+        if self.folder.exists():
+            for path in self.folder.rglob("[!.]*.dcm"):  # not the atomic writes' temp files (".name.tmp-...")
+                if path not in self._modality:
+                    ds = dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+                    self._modality[path] = str(ds.get("Modality", ""))
+        return sum(1 for m in self._modality.values() if m == "SR")
 
 
 def _wait(condition: object, timeout: float, poll: float) -> float:
@@ -123,13 +136,14 @@ def latency(source: Path, models: list[Path], settle: float, drops: int, decode_
             for i, (path, study) in enumerate(copies):
                 start = time.perf_counter()
                 os.rename(path, incoming / path.name)
-                end = _wait(lambda s=study: _files(outbox / s) >= 2, 120, 0.005)
+                reports = Reports(outbox / study)
+                end = _wait(lambda r=reports: r() >= 1, 120, 0.005)
                 if i > 0:  # the first file also pays for lazy imports in the daemon (Grad-CAM, highdicom)
                     times.append(end - start)
                 _wait(lambda: not any(incoming.iterdir()) and not any(inflight.iterdir()), 60, 0.05)
             modalities = sorted(str(dcmread(p, stop_before_pixels=True).Modality)
                                 for p in (outbox / copies[-1][1]).rglob("*.dcm"))
-            assert modalities == ["OT", "SR"], modalities
+            assert "SR" in modalities and "OT" in modalities, modalities
         return times
 
 
@@ -144,11 +158,12 @@ def burst(source: Path, models: list[Path], settle: float, count: int, decode_pr
         with daemon(tmp, models, {"settle_seconds": settle}, decode_processes) as work:
             incoming, outbox = tmp / "incoming", work / "outbox"
             os.rename(warm[0][0], incoming / warm[0][0].name)  # lazy imports happen here, outside the clock
-            _wait(lambda: _files(outbox) >= 2, 120, 0.05)
+            reports = Reports(outbox)
+            _wait(lambda: reports() >= 1, 120, 0.05)
             start = time.perf_counter()
             for path, _ in copies:
                 os.rename(path, incoming / path.name)
-            end = _wait(lambda: _files(outbox) >= 2 * (count + 1), 3600, 0.05)
+            end = _wait(lambda: reports() >= count + 1, 3600, 0.05)
         seconds = end - start
         return seconds, count / seconds
 

@@ -158,12 +158,13 @@ def _daemon_logging(ctx: click.Context) -> None:
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model bundle directory (repeatable); default: the bundles shipped with xraybatch.")
 @click.option("--batch-size", type=int, help="Images per forward pass.")
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Worker processes, each with its own models; 1 runs in this process.")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Worker processes, each with its own models; 1 runs in this process; 0 one per core (at most "
+                   "one per batch of files and per 2 GiB of free memory). Default: [pipeline] workers (0).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @settings_options
 @send_option
-def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int | None, workers: int,
+def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int | None, workers: int | None,
                    progress: bool, settings: Settings) -> None:
     """Process every file under INPUT once and print a summary.
 

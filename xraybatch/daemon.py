@@ -48,7 +48,7 @@ from xraybatch.domain import Outcome, State, file_ref, path_to_db
 from xraybatch.errors import InvalidInputError
 from xraybatch.loop import QueueWorker
 from xraybatch.pipeline import read_received
-from xraybatch.settings import Settings
+from xraybatch.settings import Settings, for_worker
 from xraybatch.watch import FolderWatcher
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Daemon(QueueWorker):
                     self._watcher = watcher
                     while not self.stop.is_set():
                         self.step(watcher)
-                        self.stop.wait(self.cfg.poll_seconds)
+                        self.stop.wait(watcher.next_wait())
         finally:
             if self.delivery is not None:  # delivery hook: stop the background delivery
                 self.delivery.stop(self.cfg.grace_seconds)
@@ -248,7 +248,9 @@ def run_workers(argv: Sequence[str], workers: int, settings: Settings) -> int:
 
     The results DB is migrated here, once, before any worker starts (workers racing to create the tables of a
     fresh SQLite file was a fault). Each worker leads its own process group and dies with this process, however
-    it ends (:mod:`xraybatch.lifetime`). With metrics on, worker ``i`` serves them on ``metrics_port + i``.
+    it ends (:mod:`xraybatch.lifetime`). With metrics on, worker ``i`` serves them on ``metrics_port + i``. The
+    workers share the host's cores (:func:`xraybatch.settings.for_worker`): each gets its share of torch
+    threads and decodes in its own process.
     """
     import subprocess
     import sys
@@ -262,7 +264,7 @@ def run_workers(argv: Sequence[str], workers: int, settings: Settings) -> int:
         session.upgrade(settings.db_url)
     children = [
         subprocess.Popen([sys.executable, "-m", "xraybatch", *argv], process_group=0,
-                         env=worker_environ(os.environ, settings.watch.metrics_port, i))
+                         env=worker_environ(os.environ, settings.watch.metrics_port, i, for_worker(settings, workers)))
         for i in range(workers)
     ]
 
@@ -281,9 +283,18 @@ def run_workers(argv: Sequence[str], workers: int, settings: Settings) -> int:
     return max(codes)
 
 
-def worker_environ(environ: Mapping[str, str], metrics_port: int, index: int) -> dict[str, str]:
-    """The environment of worker ``index`` of ``--workers N``: no migration, the supervisor's pid, its metrics port."""
+def worker_environ(
+    environ: Mapping[str, str], metrics_port: int, index: int, each: Settings | None = None
+) -> dict[str, str]:
+    """The environment of worker ``index`` of ``--workers N``: no migration, the supervisor's pid, its metrics port.
+
+    ``each`` (:func:`xraybatch.settings.for_worker`) gives every worker its share of the cores: torch threads and
+    decode processes.
+    """
     out = dict(environ)
+    if each is not None:
+        out["XRAYBATCH_MODEL_THREADS"] = str(each.model.threads)
+        out["XRAYBATCH_PIPELINE_DECODE_PROCESSES"] = str(each.pipeline.decode_processes)
     out["XRAYBATCH_DB_AUTO_UPGRADE"] = "false"  # migrated once by the supervisor
     out[PARENT_PID_VARIABLE] = str(os.getpid())
     if metrics_port:

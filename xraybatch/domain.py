@@ -171,12 +171,23 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Heatmap:
-    """Grad-CAM for one positive finding, in [0, 1], on the source pixel grid."""
+    """Grad-CAM for one positive finding, in [0, 1], over the whole source image.
+
+    The values lie on a grid of the source's aspect ratio no finer than the outputs need (Grad-CAM holds a few
+    dozen cells of detail); ``source_shape`` names the image they cover. Empty, the grid is the source's own.
+    """
 
     model_name: str
     target: str
     probability: float
-    values: np.ndarray  # float32 (rows, columns) of the source image
+    values: np.ndarray  # float32 (rows, columns): the source's grid or a coarser one of the same aspect ratio
+    source_shape: tuple[int, ...] = ()  # (rows, columns) of the source image; () = values.shape
+
+    @property
+    def covers(self) -> tuple[int, int]:
+        """(rows, columns) of the source image the map covers."""
+        rows, cols = self.source_shape or self.values.shape
+        return int(rows), int(cols)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
-"""Grad-CAM heat maps for positive findings, with pytorch-grad-cam, mapped back onto the source pixels.
+"""Grad-CAM heat maps for positive findings, with pytorch-grad-cam, over the whole source image.
 
 Grad-CAM on the last convolutional block needs only the gradient through the classifier head. The
 backbone has already run once under ``torch.inference_mode`` (:meth:`xraybatch.infer.Predictor.forward`);
 here pytorch-grad-cam is given the *head* as its model and the detached activations as its input, so all
 targets of an image cost one small forward and backward through the head instead of one full backward each.
+
+The maps are returned on the grid the outputs need (:func:`output_max_side`), not on the source's pixels: a
+Grad-CAM map has a few dozen cells of detail, and resampling it to a 3,000-pixel grid only to shrink it again
+for the Secondary Capture and the Parametric Map cost more than the Grad-CAM itself.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from xraybatch.domain import Heatmap, ModelInput, Prediction
 from xraybatch.infer import Features, Predictor
 from xraybatch.models.findings import NO_FINDING
 from xraybatch.preprocess import resample
-from xraybatch.settings import ExplainConfig
+from xraybatch.settings import ExplainConfig, OutputConfig
+
+SC_HEAT_SIDE = 256  # longest side of the heat grid the Secondary Capture blends (it blurs and upsamples it)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,18 @@ def choose_targets(predictions: Sequence[Prediction], cfg: ExplainConfig) -> lis
     return [(m, t) for _, m, t in ranked[: cfg.max_findings]]
 
 
+def output_max_side(cfg: OutputConfig) -> int:
+    """Longest side of the heat grid the outputs of ``cfg`` need: the SC's, or the Parametric Map's if finer."""
+    return max(SC_HEAT_SIDE, cfg.pm_max_size if cfg.parametric_map else 0)
+
+
+def heat_grid(source_shape: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(rows, columns) of the source's aspect ratio with the longest side at most ``max_side`` (never finer)."""
+    rows, cols = source_shape
+    scale = min(1.0, max_side / max(rows, cols))
+    return max(1, round(rows * scale)), max(1, round(cols * scale))
+
+
 def gradcam(
     predictors: Sequence[Predictor],
     features: Sequence[Features],
@@ -79,6 +97,7 @@ def gradcam(
     model_input: ModelInput,
     predictions: Sequence[Prediction],
     cfg: ExplainConfig,
+    max_side: int = SC_HEAT_SIDE,
 ) -> tuple[Heatmap, ...]:
     """Heat maps for the positive findings of image ``index`` of a batch.
 
@@ -89,23 +108,27 @@ def gradcam(
     index
         The image's position in the batch.
     model_input
-        Any of the image's model inputs: its ``source_shape`` is the grid the maps are returned on.
+        Any of the image's model inputs: its ``source_shape`` is the image the maps cover.
     predictions
         The image's predictions, one per model, aligned with ``predictors``.
+    max_side
+        Longest side of the returned maps' grid (:func:`output_max_side`); the source's aspect ratio is kept.
     """
     chosen = choose_targets(predictions, cfg)
     heatmaps: list[Heatmap] = []
     for m in sorted({m for m, _ in chosen}):
         targets = [t for mm, t in chosen if mm == m]
         maps = head_cams(predictors[m], features[m].activations[index : index + 1], targets)
+        grid = heat_grid(model_input.source_shape, max_side)
         for t, cam in zip(targets, maps):
-            values = np.clip(resample(cam, model_input.source_shape), 0.0, 1.0)
+            values = np.clip(resample(cam, grid), 0.0, 1.0)
             heatmaps.append(
                 Heatmap(
                     model_name=predictions[m].model_name,
                     target=predictions[m].targets[t],
                     probability=predictions[m].probabilities[t],
                     values=values,
+                    source_shape=model_input.source_shape,
                 )
             )
     heatmaps.sort(key=lambda h: -h.probability)

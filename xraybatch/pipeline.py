@@ -49,7 +49,7 @@ from xraybatch.errors import (
 )
 from xraybatch.lifetime import install_stop_handlers
 from xraybatch.models.registry import ModelPreprocess
-from xraybatch.settings import IngestConfig, PreprocessConfig, Settings
+from xraybatch.settings import IngestConfig, PreprocessConfig, Settings, for_worker, worker_count
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -399,7 +399,8 @@ class Processor:
                     raise NotApplicableError(verdicts[i].text)
                 any_input = next(iter(item.inputs.values()))
                 heatmaps = explain.gradcam(
-                    self.predictors, features, i, any_input, predictions, self.settings.explain
+                    self.predictors, features, i, any_input, predictions, self.settings.explain,
+                    explain.output_max_side(self.settings.output),
                 )
                 clock.lap("explain")
                 outputs = writeback.write_outputs(
@@ -534,7 +535,7 @@ def run_folder(
     settings: Settings,
     on_outcome: Callable[[Outcome], None] | None = None,
     *,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> RunSummary:
     """Process every regular file under ``input_dir`` once, through the shared queue; input files stay in place.
 
@@ -553,7 +554,10 @@ def run_folder(
     on_outcome
         Called after each file that ends in this run, e.g. to advance a progress bar.
     workers
-        Worker processes; 1 runs the loop in this process.
+        Worker processes; 1 runs the loop in this process, 0 one per core (at most one per batch of the folder's
+        files and one per 2 GiB of free memory, :func:`xraybatch.settings.worker_count`); ``None`` takes
+        ``[pipeline] workers``. Several workers share the cores
+        (:func:`xraybatch.settings.for_worker`).
 
     Raises
     ------
@@ -568,9 +572,14 @@ def run_folder(
 
     if not input_dir.exists():
         raise InvalidInputError(f"input folder {input_dir} does not exist")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers is None:
+        workers = settings.pipeline.workers
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     root = input_dir.resolve()
+    if workers == 0:
+        files = sum(1 for _ in iter_files(root, report=False))
+        workers = worker_count(0, files, settings.pipeline.batch_size)
     model_set = ",".join(sorted(spec.model_id for spec in find_bundles(settings.model.bundles)))
     url = settings.db_url
     if url.startswith("sqlite"):
@@ -631,7 +640,8 @@ def run_folder(
                         on_outcome(outcome)
 
             try:
-                run_processes(root, settings, workers, lambda: intake(supervisor.stop, None), supervisor.stop, poll)
+                run_processes(root, for_worker(settings, workers), workers, lambda: intake(supervisor.stop, None),
+                              supervisor.stop, poll)
             finally:
                 restore()
             signum = supervisor.signal_received

@@ -69,7 +69,8 @@ class PreprocessConfig:
 class PipelineConfig:
     """How files flow through the stages."""
 
-    decode_processes: int = 2  # worker processes that decode and preprocess in parallel; 1 = in the main process
+    workers: int = 0  # run-folder worker processes with their own models; 0 = one per core, batch and 2 GiB free
+    decode_processes: int = 2  # processes that decode and preprocess in parallel for one worker; 1 = in the worker
     batch_size: int = 8  # images per forward pass
 
 
@@ -219,6 +220,51 @@ class Settings:
 _TOP_LEVEL = ("workdir", "umask")  # Settings fields that are plain values, not sections
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+WORKER_MEMORY = 2 * 1024**3  # what one worker process may need: two models, torch, a batch's decode buffers
+
+
+def available_memory() -> int:
+    """Bytes of physical memory available now (free and reclaimable), as the kernel reports it."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not reported: no limit from memory
+        return WORKER_MEMORY * available_cores()
+
+
+def worker_count(workers: int, files: int, batch_size: int) -> int:
+    """Worker processes for a run of ``files``: ``workers``, or for 0 one per core, at most one per batch and
+    one per :data:`WORKER_MEMORY` of available memory."""
+    if workers > 0:
+        return workers
+    batches = max(1, -(-files // max(1, batch_size)))
+    return max(1, min(available_cores(), batches, available_memory() // WORKER_MEMORY))
+
+
+def for_worker(settings: Settings, workers: int) -> Settings:
+    """The settings of one of ``workers`` worker processes on this host: the cores shared, not oversubscribed.
+
+    With more than one worker each takes ``cores // workers`` torch threads (unless ``[model] threads`` says
+    otherwise) and decodes in its own process: the workers already keep every core busy, and extra decode
+    processes would only compete with them. One worker keeps the settings as they are.
+    """
+    if workers <= 1:
+        return settings
+    threads = settings.model.threads or max(1, available_cores() // workers)
+    return dataclasses.replace(
+        settings,
+        model=dataclasses.replace(settings.model, threads=threads),
+        pipeline=dataclasses.replace(settings.pipeline, decode_processes=1),
+    )
+
+
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Settings)
     return {name: hints[name] for name in hints if name not in _TOP_LEVEL}
@@ -313,6 +359,8 @@ def _validate(obj: Any) -> None:
     elif isinstance(obj, PipelineConfig):
         if obj.batch_size < 1:
             raise ConfigError(f"[pipeline] batch_size must be >= 1, got {obj.batch_size}")
+        if obj.workers < 0:
+            raise ConfigError(f"[pipeline] workers must be >= 0 (0 = one per core), got {obj.workers}")
         if obj.decode_processes < 1:
             raise ConfigError(f"[pipeline] decode_processes must be >= 1, got {obj.decode_processes}")
     elif isinstance(obj, ModelConfig):

@@ -143,6 +143,17 @@ class FolderWatcher:
                 del self._seen[path]
             return len(self._seen)
 
+    def next_wait(self) -> float:
+        """Seconds until the next noted file could settle, at most ``poll_seconds``: how long to sleep.
+
+        A caller that sleeps this long instead of ``poll_seconds`` hands out a file ``settle_seconds`` after its
+        last change, not up to a poll later.
+        """
+        now = time.monotonic()
+        with self._lock:
+            due = [seen.stable_since + self.cfg.settle_seconds - now for seen in self._seen.values()]
+        return max(0.05, min([self.cfg.poll_seconds, *due]))
+
     def ready(self) -> list[Path]:
         """Files whose size and mtime have been unchanged for ``settle_seconds``, each handed out once."""
         if time.monotonic() - self._last_scan >= self.cfg.rescan_seconds:
@@ -172,4 +183,4 @@ def complete_files(folder: Path, cfg: WatchConfig, stop: threading.Event) -> Ite
     with FolderWatcher(folder, cfg) as watcher:
         while not stop.is_set():
             yield watcher.ready()
-            stop.wait(cfg.poll_seconds)
+            stop.wait(watcher.next_wait())

@@ -293,6 +293,9 @@ def test_end_to_end_receive_watch_send_turns_a_cstore_into_sr_and_sc_in_the_pacs
         return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "xraybatch", "-v", *args], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
 
+    # the drop folder exists before either starts, as on a host: `watch` refuses a folder that does not exist,
+    # and `receive` (which would create it) may not have got that far when `watch` looks
+    incoming.mkdir()
     receive = start("receive", str(incoming), "--port", str(port))
     watch = start("watch", str(incoming), "--workdir", str(work), "--bundle", str(tiny_bundle),
                   "--send", orthanc.dicom_url)
@@ -311,6 +314,7 @@ def test_end_to_end_receive_watch_send_turns_a_cstore_into_sr_and_sc_in_the_pacs
             deadline = time.monotonic() + 240
             found: set[str] = set()
             while time.monotonic() < deadline and found != {"SR", "OT"}:
+                assert watch.poll() is None, "watch ended early:\n" + (tmp_path / "watch.log").read_text()[-4000:]
                 found = {tags["Modality"] for tags in orthanc.instances().values()
                          if tags["StudyInstanceUID"] == study}
                 time.sleep(0.1)

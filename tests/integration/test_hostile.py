@@ -96,7 +96,9 @@ def _corpus_run(
     level = root.level
     root.setLevel(logging.INFO)
     try:
-        summary = run_folder(tmp / "in", settings)
+        # one worker, in this process, so that the handler above sees every log line; worker processes (the
+        # default on a multi-core host) log through the CLI's configuration: the stderr test below runs them
+        summary = run_folder(tmp / "in", settings, workers=1)
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
@@ -232,7 +234,8 @@ def test_failure_reason_and_log_never_quote_the_birth_date(
 
 
 def test_cli_stderr_never_shows_the_planted_name_or_birth_date(tmp_path: Path, tiny_bundle: Path) -> None:
-    """``xraybatch -v run-folder`` in a subprocess: pydicom warns with the values quoted; stderr masks them."""
+    """``xraybatch -v run-folder --workers 2`` in a subprocess: pydicom warns with the values quoted in the worker
+    processes; their stderr masks them."""
     from tests.hostile import _builders
 
     inbox = tmp_path / "in"
@@ -246,7 +249,7 @@ def test_cli_stderr_never_shows_the_planted_name_or_birth_date(tmp_path: Path, t
         write_dicom(inbox / f"good{i}.dcm", PatientName=PLANTED_NAME)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "always"}
     cmd = [sys.executable, "-m", "xraybatch", "-vv", "run-folder", str(inbox), "--workdir", str(tmp_path / "work"),
-           "--bundle", str(tiny_bundle), "--batch-size", "4", "--no-progress"]
+           "--bundle", str(tiny_bundle), "--batch-size", "4", "--workers", "2", "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     stderr = done.stderr

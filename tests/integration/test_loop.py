@@ -33,7 +33,7 @@ from xraybatch.db import queue
 from xraybatch.db.session import make_engine, make_sessionmaker, upgrade
 from xraybatch.db.tables import Instance
 from xraybatch.pipeline import folder_source, run_folder, take_in_folder
-from xraybatch.settings import load_settings
+from xraybatch.settings import load_settings, worker_count
 
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,7 +235,7 @@ def test_run_folder_through_sigint_sigterm_and_sigkill_then_a_rerun_processes_ev
     before = digests(tmp_path / "in")
     runs = Runs(tmp_path, tmp_path / "in", db_url, bundle)
     try:
-        assert runs.interrupt(rng, signal.SIGINT) == 130
+        assert runs.interrupt(rng, signal.SIGINT, "--workers", "1") == 130  # one worker, in the command's process
         assert "interrupted by SIGINT" in runs.logs[-1].read_text()
         assert not any(r.state == "processing" for r in runs.rows())  # the batch finished or went back
 
@@ -247,7 +247,9 @@ def test_run_folder_through_sigint_sigterm_and_sigkill_then_a_rerun_processes_ev
         with runs.sessions() as s:
             assert queue.status(s, alive_within_seconds=60).workers_alive == []  # each signed off
 
-        assert runs.interrupt(rng, signal.SIGKILL) == -signal.SIGKILL
+        # the default: one worker process per core, at most one per batch (of 6, see CONFIG)
+        auto = worker_count(0, len(expected), 6)
+        assert runs.interrupt(rng, signal.SIGKILL, workers=auto) == -signal.SIGKILL
 
         final = runs.start()
         assert final.wait(300) == 0, runs.logs[-1].read_text()[-3000:]

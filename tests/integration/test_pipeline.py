@@ -257,3 +257,36 @@ def test_links_and_fifos_in_the_folder_are_logged_once_never_opened(
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
     assert len(skipped) == 3 and sum("a FIFO" in m for m in skipped) == 1, skipped
     assert sum("a symbolic link" in m for m in skipped) == 2
+
+
+def test_worker_processes_give_the_same_results_as_one_worker(tmp_path: Path, tiny_bundles: Path) -> None:
+    """Two worker processes (their own models, one torch thread each, decoding in-process) against one worker in
+    this process: the same predictions and the same output objects (UIDs derive from source and model set)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    inbox = tmp_path / "in"
+    for i in range(12):  # two batches of 8: both workers get work
+        pixels = rng.integers(0, 4096, (160, 144)).astype(np.uint16)
+        write_dicom(inbox / f"img{i:02d}.dcm", pixels=pixels, photometric=("MONOCHROME1", "MONOCHROME2")[i % 2])
+    runs = {}
+    for workers in (1, 2):
+        settings = _settings(tmp_path / f"w{workers}", tiny_bundles, explain={"max_findings": 2})
+        summary = run_folder(inbox, settings, workers=workers)
+        assert summary.counts == {"done": 12}
+        from sqlalchemy import select
+
+        from xraybatch.db.tables import Instance
+
+        with db_session.make_sessionmaker(db_session.make_engine(settings.db_url))() as s:
+            instances = list(s.scalars(select(Instance.worker_id)))
+        predictions = {(r["sop_instance_uid"], r["model"], r["target"]): float(r["probability"])  # type: ignore[arg-type]
+                       for r in _rows(settings, "predictions")}
+        outputs = {(r["sop_instance_uid"], r["kind"]) for r in _rows(settings, "outputs")}
+        runs[workers] = (instances, predictions, outputs)
+    (one, p1, o1), (two, p2, o2) = runs[1], runs[2]
+    assert len(set(one)) == 1
+    assert len(set(two)) == 2  # really two processes
+    assert p1.keys() == p2.keys() and len(p1) == 12 * 16
+    assert max(abs(p1[k] - p2[k]) for k in p1) < 1e-5
+    assert o1 == o2 and {kind for _, kind in o1} >= {"sc", "sr"}

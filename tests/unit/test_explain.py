@@ -10,11 +10,11 @@ import torch
 
 from tests.conftest import make_tiny_bundle
 from xraybatch.domain import ModelInput, Prediction
-from xraybatch.explain import choose_targets, gradcam, head_cams
+from xraybatch.explain import SC_HEAT_SIDE, choose_targets, gradcam, head_cams, heat_grid, output_max_side
 from xraybatch.infer import Predictor, to_tensor
 from xraybatch.models.findings import NIH_TARGETS
 from xraybatch.models.registry import read_bundle
-from xraybatch.settings import ExplainConfig
+from xraybatch.settings import ExplainConfig, OutputConfig
 
 
 def _image(size: int, seed: int = 0) -> np.ndarray:
@@ -60,8 +60,35 @@ def test_gradcam_maps_onto_source_grid(tmp_path: Path) -> None:
     inp = ModelInput(pixels=_image(64), source_shape=(300, 250))
     features = predictor.forward([inp])
     preds = predictor.to_predictions(features)
-    maps = gradcam([predictor], [features], 0, inp, preds, ExplainConfig())
+    maps = gradcam([predictor], [features], 0, inp, preds, ExplainConfig(), max_side=512)
     assert len(maps) == 1 and maps[0].target == "Pneumonia"
-    assert maps[0].values.shape == (300, 250)
+    assert maps[0].values.shape == (300, 250)  # never finer than the source
+    assert maps[0].covers == (300, 250)
     assert np.isfinite(maps[0].values).all() and maps[0].values.max() > 0 and maps[0].values.min() >= 0
     assert torch.is_grad_enabled()  # Grad-CAM leaves the global autograd state as it found it
+
+
+def test_gradcam_maps_on_the_outputs_grid_keep_aspect_and_agree(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b", thresholds={"Pneumonia": 0.0})
+    predictor = Predictor(read_bundle(bundle))
+    inp = ModelInput(pixels=_image(64), source_shape=(2000, 1500))
+    features = predictor.forward([inp])
+    preds = predictor.to_predictions(features)
+    (coarse,) = gradcam([predictor], [features], 0, inp, preds, ExplainConfig(), max_side=256)
+    (fine,) = gradcam([predictor], [features], 0, inp, preds, ExplainConfig(), max_side=2000)
+    assert coarse.values.shape == (256, 192) and coarse.covers == (2000, 1500)
+    assert fine.values.shape == (2000, 1500)
+    # the coarse map is the fine map seen at lower resolution, not another picture
+    import cv2
+
+    shrunk = cv2.resize(fine.values, (192, 256), interpolation=cv2.INTER_AREA)
+    assert np.abs(shrunk - coarse.values).max() < 0.02
+
+
+def test_heat_grid_and_output_side() -> None:
+    assert heat_grid((2000, 1500), 256) == (256, 192)
+    assert heat_grid((100, 80), 256) == (100, 80)
+    assert heat_grid((3000, 10), 256) == (256, 1)
+    assert output_max_side(OutputConfig()) == max(SC_HEAT_SIDE, OutputConfig().pm_max_size)
+    assert output_max_side(OutputConfig(pm_max_size=512)) == 512
+    assert output_max_side(OutputConfig(pm_max_size=512, parametric_map=False)) == SC_HEAT_SIDE

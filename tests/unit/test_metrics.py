@@ -95,3 +95,16 @@ def test_each_worker_of_several_gets_its_own_port() -> None:
     ]
     off = worker_environ({"PATH": "/bin"}, 0, 1)  # metrics off: no port; never a migration in a worker
     assert "XRAYBATCH_WATCH_METRICS_PORT" not in off and off["XRAYBATCH_DB_AUTO_UPGRADE"] == "false"
+
+
+def test_each_worker_of_several_gets_its_share_of_the_cores_through_its_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from xraybatch import settings as settings_module
+    from xraybatch.settings import Settings, for_worker, load_settings
+
+    monkeypatch.setattr(settings_module, "available_cores", lambda: 4)
+    env = worker_environ({"PATH": "/bin"}, 0, 0, for_worker(Settings(), 2))
+    assert env["XRAYBATCH_MODEL_THREADS"] == "2" and env["XRAYBATCH_PIPELINE_DECODE_PROCESSES"] == "1"
+    worker = load_settings(environ=env)  # what the worker process resolves
+    assert worker.model.threads == 2 and worker.pipeline.decode_processes == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from xraybatch.errors import ConfigError
-from xraybatch.settings import Settings, as_toml, load_settings
+from xraybatch.settings import Settings, as_toml, available_cores, for_worker, load_settings, worker_count
 
 
 def test_defaults() -> None:
@@ -70,3 +70,35 @@ def test_the_input_gate_is_on_by_default_and_turned_off_by_file_or_environment(t
     cfg.write_text("[gate]\nenabled = 'sometimes'\n")
     with pytest.raises(ConfigError, match=r"\[gate\] enabled: expected true/false"):
         load_settings(cfg, environ={})
+
+
+def test_run_folder_workers_default_to_one_per_core_at_most_one_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xraybatch import settings as settings_module
+
+    assert Settings().pipeline.workers == 0
+    assert available_cores() >= 1
+    monkeypatch.setattr(settings_module, "available_cores", lambda: 4)
+    monkeypatch.setattr(settings_module, "available_memory", lambda: 64 * 1024**3)
+    assert worker_count(0, 1000, 8) == 4
+    assert worker_count(0, 17, 8) == 3  # three batches
+    assert worker_count(0, 8, 8) == 1 and worker_count(0, 0, 8) == 1
+    assert worker_count(2, 1, 8) == 2  # asked for: as asked
+    monkeypatch.setattr(settings_module, "available_memory", lambda: 5 * 1024**3)
+    assert worker_count(0, 1000, 8) == 2  # one per 2 GiB available
+    monkeypatch.setattr(settings_module, "available_memory", lambda: 1024**3)
+    assert worker_count(0, 1000, 8) == 1
+    with pytest.raises(ConfigError, match=r"workers must be >= 0"):
+        load_settings(None, {"pipeline": {"workers": -1}}, environ={})
+
+
+def test_each_of_several_workers_gets_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xraybatch import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "available_cores", lambda: 8)
+    base = load_settings(environ={})
+    assert for_worker(base, 1) == base  # one worker: as configured (its own decode processes)
+    each = for_worker(base, 2)
+    assert each.model.threads == 4 and each.pipeline.decode_processes == 1
+    assert for_worker(base, 16).model.threads == 1
+    pinned = load_settings(None, {"model": {"threads": 3}}, environ={})
+    assert for_worker(pinned, 2).model.threads == 3  # [model] threads set by the site wins

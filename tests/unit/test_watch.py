@@ -286,3 +286,21 @@ def test_paths_outside_the_folder_are_never_noted(folder: Path, watcher: FolderW
     watcher.note(elsewhere)
     watcher.note(folder / "never-existed.dcm")
     assert watcher.pending() == 0
+
+
+def test_next_wait_is_the_time_left_until_the_first_file_settles(
+    folder: Path, cfg: WatchConfig, clock: FakeClock
+) -> None:
+    """The daemon sleeps ``next_wait()``: a file is handed out when it settles, not up to a poll later."""
+    slow = WatchConfig(settle_seconds=SETTLE, poll_seconds=2.5, rescan_seconds=1e9, polling=cfg.polling)
+    with FolderWatcher(folder, slow) as w:
+        assert w.next_wait() == 2.5  # nothing noted: a poll
+        (folder / "a.dcm").write_bytes(b"x")
+        _eventually(lambda: w.pending() == 1)
+        assert w.next_wait() == pytest.approx(SETTLE)
+        clock.advance(SETTLE - 0.5)
+        assert w.next_wait() == pytest.approx(0.5)
+        clock.advance(0.5)
+        assert w.next_wait() == 0.05  # due: a short floor, never a busy loop
+        assert w.ready() == [folder / "a.dcm"]
+        assert w.next_wait() == 2.5

@@ -304,6 +304,10 @@ def test_sc_each_explained_finding_has_its_colour_and_legend(nih: Prediction, pn
     assert swatches == {"Pneumonia": COLOURS[0], "Hernia": COLOURS[1]}
     # the legend swatch colour is the colour blended onto the image: same hue as the hot spot
     assert np.argmax(a) == np.argmax(COLOURS[0]) and np.argmax(b) == np.argmax(COLOURS[1])
+    texts = [" ".join(line.cells) for line in lines]
+    assert "Outlined: the 2 most probable positive findings" in texts
+    one = [" ".join(line.cells) for line in panel_lines([nih], {("nih-densenet", "Hernia"): COLOURS[0]})]
+    assert "Outlined: the most probable positive finding" in one
 
 
 def _shifted_blob(rows: int, cols: int, cx: float) -> np.ndarray:
@@ -312,8 +316,26 @@ def _shifted_blob(rows: int, cols: int, cx: float) -> np.ndarray:
 
 
 def test_sc_rejects_heatmap_of_other_geometry(pneumonia: Prediction) -> None:
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"covers an image of \(200, 300\), expected \(300, 300\)"):
         render(_display(300, 300), [pneumonia], [_blob(200, 300)], 256)
+    coarse_of_other = dataclasses.replace(_blob(100, 100), source_shape=(300, 200))
+    with pytest.raises(ValueError, match="covers an image of"):
+        render(_display(300, 300), [pneumonia], [coarse_of_other], 256)
+
+
+def test_sc_from_a_coarse_heat_map_matches_the_full_one(pneumonia: Prediction) -> None:
+    """Heat maps come on the outputs' grid (xraybatch.explain): the SC must look as it does from a full map."""
+    rows, cols = 1200, 1000
+    full = _blob(rows, cols)
+    small = cv2.resize(full.values, (213, 256), interpolation=cv2.INTER_AREA)
+    coarse = dataclasses.replace(full, values=small, source_shape=(rows, cols))
+    with_full = render(_display(rows, cols), [pneumonia], [full], 512).astype(int)
+    with_coarse = render(_display(rows, cols), [pneumonia], [coarse], 512).astype(int)
+    without = render(_display(rows, cols), [pneumonia], [], 512).astype(int)
+    diff = np.abs(with_full - with_coarse)
+    assert diff.mean() < 0.5 and np.percentile(diff, 99.9) < 40
+    image = (slice(-512, None), slice(0, 427))  # the image part: under the banner, left of the panel
+    assert np.abs(with_coarse[image] - without[image]).mean() > 5 * diff.mean() + 1  # the heat is drawn at all
 
 
 def test_findings_text_lists_every_result(nih: Prediction, pneumonia: Prediction) -> None:

@@ -205,6 +205,26 @@ def test_pm_shares_the_source_geometry_when_it_has_one(
     assert is_uid(other.FrameOfReferenceUID) and other.FrameOfReferenceUID != source.FrameOfReferenceUID
 
 
+def test_pm_from_a_coarse_heat_map_matches_the_full_one(
+    source: pydicom.Dataset, predictions: tuple[Prediction, ...]
+) -> None:
+    """Heat maps come on the outputs' grid (xraybatch.explain); a coarse one gives the map a full one gives."""
+    import cv2
+
+    rows, cols = int(source.Rows), int(source.Columns)
+    full = _heat(rows, cols, 0.4, "Hernia", "nih-densenet")
+    cfg = OutputConfig(pm_max_size=32)
+    grid = (round(rows * 48 / max(rows, cols)), round(cols * 48 / max(rows, cols)))  # coarser than the source
+    small = cv2.resize(full.values, (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+    coarse = dataclasses.replace(full, values=small, source_shape=(rows, cols))
+    a, b = build_pm(source, full, predictions, cfg), build_pm(source, coarse, predictions, cfg)
+    assert (a.Rows, a.Columns) == (b.Rows, b.Columns) and max(a.Rows, a.Columns) == 32
+    assert np.abs(a.pixel_array.astype(int) - b.pixel_array.astype(int)).max() <= 0.03 * STORED_MAX
+    other = dataclasses.replace(coarse, source_shape=(rows + 1, cols))
+    with pytest.raises(ValueError, match="covers an image of"):
+        build_pm(source, other, predictions, cfg)
+
+
 def test_pm_off_by_configuration(source: pydicom.Dataset, predictions: tuple[Prediction, ...], tmp_path: Path) -> None:
     records, _ = _outputs(source, predictions, tmp_path, parametric_map=False)
     assert {r.kind for r in records} == {"sc", "sr"}

@@ -74,7 +74,7 @@ def build_pm(
     source
         The source image dataset without Pixel Data.
     heatmap
-        The heat map, in [0, 1] on the source pixel grid.
+        The heat map, in [0, 1], covering the source image (on its grid or a coarser one).
     predictions
         One prediction per model (they name the series and the equipment).
     cfg
@@ -88,18 +88,20 @@ def build_pm(
     Raises
     ------
     ValueError
-        The heat map does not have the source's shape.
+        The heat map does not cover an image of the source's shape.
     """
     original = source
     source = usable_source(source)
     rows, cols = int(source.Rows), int(source.Columns)
-    if heatmap.values.shape != (rows, cols):
-        raise ValueError(f"heat map {map_key(heatmap)} has shape {heatmap.values.shape}, expected {(rows, cols)}")
+    if heatmap.covers != (rows, cols):
+        raise ValueError(f"heat map {map_key(heatmap)} covers an image of {heatmap.covers}, expected {(rows, cols)}")
     key = map_key(heatmap)
     uids = output_uids(source, "pm", predictions, cfg.uid_root, item=key)
     scale = min(1.0, cfg.pm_max_size / max(rows, cols))
     grid = (max(1, round(rows * scale)), max(1, round(cols * scale)))
-    values = cv2.resize(heatmap.values.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+    heat = heatmap.values.astype(np.float32)
+    shrinking = grid[0] * grid[1] < heat.size
+    values = cv2.resize(heat, (grid[1], grid[0]), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     stored = np.round(np.clip(values, 0.0, 1.0) * STORED_MAX).astype(np.uint16)
 
     geometry, nominal = _geometry(source, cfg.uid_root)
