@@ -117,7 +117,7 @@ class RunSummary:
     """Counts per final state and wall time of a run."""
 
     counts: dict[str, int]  # final state -> files that ended so in this run
-    seconds: float  # wall time from the models loaded (one worker) or from the start (worker processes)
+    seconds: float  # wall time from the models loaded (one worker) or the first claim (worker processes)
     skipped: int = 0  # files an earlier run over the same folder had already ended: not processed again
     left: int = 0  # files still queued or processing when the run stopped (interrupted): rerun to finish them
     interrupted: str = ""  # the signal that stopped the run early ("SIGINT", "SIGTERM"), or empty
@@ -645,6 +645,12 @@ def run_folder(
             finally:
                 restore()
             signum = supervisor.signal_received
+            from xraybatch.db import queue
+
+            with sessions() as s:  # the run's time from the first claim, as with one worker (not the start-up)
+                first = queue.first_claim(s, folder_source(root), started)
+            if first is not None:
+                start = time.perf_counter() - max(0.0, (datetime.now(UTC) - first).total_seconds())
         with sessions() as s:
             from xraybatch.db import queue
 

@@ -19,7 +19,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -425,6 +425,17 @@ def finished_counts(session: Session, source: str, since: datetime) -> dict[str,
             ).group_by(Instance.state)
         )
         return {state: n for state, n in rows}
+
+
+def first_claim(session: Session, source: str, since: datetime) -> datetime | None:
+    """When a worker first claimed a row of ``source`` at or after ``since`` (UTC), or None; no commit."""
+    with guard(session, "read the first claim"):
+        first = session.scalar(
+            select(func.min(Instance.started_at)).where(Instance.source == source, Instance.started_at >= since)
+        )
+    if first is not None and first.tzinfo is None:  # SQLite returns naive datetimes; they are UTC
+        first = first.replace(tzinfo=UTC)
+    return first
 
 
 def finished_since(
