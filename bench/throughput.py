@@ -99,6 +99,7 @@ def _floor_init(bundles: tuple[str, ...]) -> None:
 
 
 def _floor_ready(_: int) -> int:
+    time.sleep(0.05)  # long enough for the tasks to spread over the processes that are ready
     return os.getpid()
 
 
@@ -121,7 +122,9 @@ def floor(paths: list[Path], bundles: tuple[str, ...], batch_size: int) -> dict[
     batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(cores, initializer=_floor_init, initargs=(bundles,)) as pool:
-        pool.map(_floor_ready, range(cores * 4), chunksize=1)  # every process has loaded its models
+        ready: set[int] = set()
+        while len(ready) < cores:  # every process has loaded its models (the initializer runs before any task)
+            ready |= set(pool.map(_floor_ready, range(cores * 4), chunksize=1))
         start = time.perf_counter()
         results = pool.map(_floor_batch, batches, chunksize=1)
         seconds = time.perf_counter() - start
@@ -198,7 +201,6 @@ def run_folder(folder: Path, work: Path, bundles: tuple[str, ...], extra: list[s
 def naive(paths: list[Path], bundles: tuple[str, ...], outbox: Path) -> dict[str, float]:
     """One file at a time, full-network Grad-CAM with one backward per finding; the same outputs."""
     import numpy as np
-    import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -226,7 +228,6 @@ def naive(paths: list[Path], bundles: tuple[str, ...], outbox: Path) -> dict[str
             full = preprocess.resample(np.asarray(values, np.float32), inputs[m].source_shape)
             heatmaps.append(Heatmap(preds[m].model_name, preds[m].targets[t], preds[m].probabilities[t], full))
         writeback.write_outputs(item.image.dataset, item.display, preds, heatmaps, settings.output, outbox)
-        torch.set_grad_enabled(True)
     seconds = time.perf_counter() - start
     return {"images_per_s": len(paths) / seconds, "seconds": seconds}
 
