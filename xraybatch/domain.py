@@ -169,6 +169,13 @@ class Prediction:
         return tuple(p >= t for p, t in zip(self.probabilities, self.thresholds))
 
 
+def fit_within(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(rows, columns) of ``shape``'s aspect ratio with the longest side at most ``max_side`` (never larger)."""
+    rows, cols = shape
+    scale = min(1.0, max_side / max(rows, cols))
+    return max(1, round(rows * scale)), max(1, round(cols * scale))
+
+
 @dataclass(frozen=True)
 class Heatmap:
     """Grad-CAM for one positive finding, in [0, 1], over the whole source image.

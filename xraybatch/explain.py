@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xraybatch.domain import Heatmap, ModelInput, Prediction
+from xraybatch.domain import Heatmap, ModelInput, Prediction, fit_within
 from xraybatch.infer import Features, Predictor
 from xraybatch.models.findings import NO_FINDING
 from xraybatch.preprocess import resample
@@ -83,13 +83,6 @@ def output_max_side(cfg: OutputConfig) -> int:
     return max(SC_HEAT_SIDE, cfg.pm_max_size if cfg.parametric_map else 0)
 
 
-def heat_grid(source_shape: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """(rows, columns) of the source's aspect ratio with the longest side at most ``max_side`` (never finer)."""
-    rows, cols = source_shape
-    scale = min(1.0, max_side / max(rows, cols))
-    return max(1, round(rows * scale)), max(1, round(cols * scale))
-
-
 def gradcam(
     predictors: Sequence[Predictor],
     features: Sequence[Features],
@@ -119,7 +112,7 @@ def gradcam(
     for m in sorted({m for m, _ in chosen}):
         targets = [t for mm, t in chosen if mm == m]
         maps = head_cams(predictors[m], features[m].activations[index : index + 1], targets)
-        grid = heat_grid(model_input.source_shape, max_side)
+        grid = fit_within(model_input.source_shape, max_side)
         for t, cam in zip(targets, maps):
             values = np.clip(resample(cam, grid), 0.0, 1.0)
             heatmaps.append(

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_bundle
-from xraybatch.domain import ModelInput, Prediction
-from xraybatch.explain import SC_HEAT_SIDE, choose_targets, gradcam, head_cams, heat_grid, output_max_side
+from xraybatch.domain import Heatmap, ModelInput, Prediction, fit_within
+from xraybatch.explain import SC_HEAT_SIDE, choose_targets, gradcam, head_cams, output_max_side
 from xraybatch.infer import Predictor, to_tensor
 from xraybatch.models.findings import NIH_TARGETS
 from xraybatch.models.registry import read_bundle
@@ -54,13 +54,18 @@ def test_choose_targets_positive_only_ranked_and_capped() -> None:
     assert choose_targets(preds, ExplainConfig(enabled=False)) == []
 
 
-def test_gradcam_maps_onto_source_grid(tmp_path: Path) -> None:
+def _gradcam_of_positive(tmp_path: Path, source_shape: tuple[int, int], max_side: int) -> tuple[Heatmap, ...]:
+    """Grad-CAM of one image through a tiny binary bundle whose Pneumonia is always positive."""
     bundle = make_tiny_bundle(tmp_path / "b", thresholds={"Pneumonia": 0.0})
     predictor = Predictor(read_bundle(bundle))
-    inp = ModelInput(pixels=_image(64), source_shape=(300, 250))
+    inp = ModelInput(pixels=_image(64), source_shape=source_shape)
     features = predictor.forward([inp])
     preds = predictor.to_predictions(features)
-    maps = gradcam([predictor], [features], 0, inp, preds, ExplainConfig(), max_side=512)
+    return gradcam([predictor], [features], 0, inp, preds, ExplainConfig(), max_side=max_side)
+
+
+def test_gradcam_maps_onto_source_grid(tmp_path: Path) -> None:
+    maps = _gradcam_of_positive(tmp_path, (300, 250), 512)
     assert len(maps) == 1 and maps[0].target == "Pneumonia"
     assert maps[0].values.shape == (300, 250)  # never finer than the source
     assert maps[0].covers == (300, 250)
@@ -69,13 +74,8 @@ def test_gradcam_maps_onto_source_grid(tmp_path: Path) -> None:
 
 
 def test_gradcam_maps_on_the_outputs_grid_keep_aspect_and_agree(tmp_path: Path) -> None:
-    bundle = make_tiny_bundle(tmp_path / "b", thresholds={"Pneumonia": 0.0})
-    predictor = Predictor(read_bundle(bundle))
-    inp = ModelInput(pixels=_image(64), source_shape=(2000, 1500))
-    features = predictor.forward([inp])
-    preds = predictor.to_predictions(features)
-    (coarse,) = gradcam([predictor], [features], 0, inp, preds, ExplainConfig(), max_side=256)
-    (fine,) = gradcam([predictor], [features], 0, inp, preds, ExplainConfig(), max_side=2000)
+    (coarse,) = _gradcam_of_positive(tmp_path / "coarse", (2000, 1500), 256)
+    (fine,) = _gradcam_of_positive(tmp_path / "fine", (2000, 1500), 2000)
     assert coarse.values.shape == (256, 192) and coarse.covers == (2000, 1500)
     assert fine.values.shape == (2000, 1500)
     # the coarse map is the fine map seen at lower resolution, not another picture
@@ -86,9 +86,9 @@ def test_gradcam_maps_on_the_outputs_grid_keep_aspect_and_agree(tmp_path: Path) 
 
 
 def test_heat_grid_and_output_side() -> None:
-    assert heat_grid((2000, 1500), 256) == (256, 192)
-    assert heat_grid((100, 80), 256) == (100, 80)
-    assert heat_grid((3000, 10), 256) == (256, 1)
+    assert fit_within((2000, 1500), 256) == (256, 192)
+    assert fit_within((100, 80), 256) == (100, 80)
+    assert fit_within((3000, 10), 256) == (256, 1)
     assert output_max_side(OutputConfig()) == max(SC_HEAT_SIDE, OutputConfig().pm_max_size)
     assert output_max_side(OutputConfig(pm_max_size=512)) == 512
     assert output_max_side(OutputConfig(pm_max_size=512, parametric_map=False)) == SC_HEAT_SIDE

@@ -27,7 +27,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEGLSLossless
 
-from xraybatch.domain import Heatmap, Prediction
+from xraybatch.domain import Heatmap, Prediction, fit_within
 from xraybatch.models.findings import label
 from xraybatch.settings import OutputConfig
 from xraybatch.writeback.common import (
@@ -97,8 +97,7 @@ def build_pm(
         raise ValueError(f"heat map {map_key(heatmap)} covers an image of {heatmap.covers}, expected {(rows, cols)}")
     key = map_key(heatmap)
     uids = output_uids(source, "pm", predictions, cfg.uid_root, item=key)
-    scale = min(1.0, cfg.pm_max_size / max(rows, cols))
-    grid = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+    grid = fit_within((rows, cols), cfg.pm_max_size)
     heat = heatmap.values.astype(np.float32)
     shrinking = grid[0] * grid[1] < heat.size
     values = cv2.resize(heat, (grid[1], grid[0]), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)

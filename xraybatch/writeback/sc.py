@@ -21,7 +21,7 @@ from highdicom.enum import PatientOrientationValuesBiped
 from pydicom import Dataset
 from pydicom.uid import UID, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from xraybatch.domain import DisplayImage, Heatmap, Prediction
+from xraybatch.domain import DisplayImage, Heatmap, Prediction, fit_within
 from xraybatch.models.findings import label
 from xraybatch.settings import OutputConfig
 from xraybatch.writeback.common import (
@@ -281,8 +281,8 @@ def _blend_heat(image: np.ndarray, heatmap: Heatmap, size: tuple[int, int], colo
     # Grad-CAM comes from a grid of a few dozen cells, whose corners a blur rounds off so that the outline
     # follows the heat. The blur runs on a grid of at most _BLUR_SIDE pixels (the same relative width as on the
     # full image, at a sixteenth of the cost); heat is smooth, so bilinear upsampling after it loses nothing.
-    scale = min(1.0, _BLUR_SIDE / max(size))
-    small = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+    rows, cols = fit_within((size[1], size[0]), _BLUR_SIDE)
+    small = (cols, rows)  # cv2 wants (width, height)
     shrinking = small[0] * small[1] < heatmap.values.size
     heat = cv2.resize(heatmap.values, small, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     heat = cv2.GaussianBlur(heat, (0, 0), max(small) / 60)
