@@ -24,6 +24,9 @@ What is measured, for each input:
 (c) **naive**: one process, one file at a time: decode, preprocess, forward, pytorch-grad-cam's ``GradCAM`` on the
     full network with one backward per explained finding (up to ``[explain] max_findings``), the same outputs.
 
+``--backend onnxruntime`` runs (a) and (b) with ``[model] backend = "onnxruntime"`` (the ONNX files exported
+once, before anything is timed); compare it with a run of the default ``torch`` backend.
+
 It prints images/s, the ratio (b)/(a), the per-stage medians of (b) (from the timings each row records), the
 peak resident memory of each process, start-up (importing the CLI, loading torch and the models, run-folder on
 one file) and the drop-to-SR latency of ``watch`` for a single file with ``settle_seconds`` 0.5. Numbers depend
@@ -37,6 +40,7 @@ import json
 import multiprocessing
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,14 +90,14 @@ def peak_rss_mb() -> float:
 _floor_state: dict[str, Any] = {}
 
 
-def _floor_init(bundles: tuple[str, ...]) -> None:
+def _floor_init(bundles: tuple[str, ...], backend: str, onnx_folder: Path) -> None:
     from xraybatch.infer import Predictor, set_threads
     from xraybatch.models.registry import find_bundles
     from xraybatch.settings import load_settings
 
     set_threads(1)
     settings = load_settings(None, {"model": {"bundles": list(bundles)}}, environ={})
-    predictors = [Predictor(spec) for spec in find_bundles(settings.model.bundles)]
+    predictors = [Predictor(spec, backend, onnx_folder) for spec in find_bundles(settings.model.bundles)]
     _floor_state.update(settings=settings, predictors=predictors,
                         plans=list(dict.fromkeys((p.spec.preprocess, p.spec.input.size) for p in predictors)))
 
@@ -115,13 +119,14 @@ def _floor_batch(paths: list[Path]) -> tuple[int, float]:
     return len(paths), peak_rss_mb()
 
 
-def floor(paths: list[Path], bundles: tuple[str, ...], batch_size: int) -> dict[str, float]:
+def floor(paths: list[Path], bundles: tuple[str, ...], batch_size: int, backend: str,
+          onnx_folder: Path) -> dict[str, float]:
     from xraybatch.settings import available_cores
 
     cores = available_cores()
     batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(cores, initializer=_floor_init, initargs=(bundles,)) as pool:
+    with ctx.Pool(cores, initializer=_floor_init, initargs=(bundles, backend, onnx_folder)) as pool:
         ready: set[int] = set()
         while len(ready) < cores:  # every process has loaded its models (the initializer runs before any task)
             ready |= set(pool.map(_floor_ready, range(cores * 4), chunksize=1))
@@ -159,15 +164,20 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-def run_folder(folder: Path, work: Path, bundles: tuple[str, ...], extra: list[str]) -> dict[str, Any]:
+def run_folder(
+    folder: Path, work: Path, bundles: tuple[str, ...], extra: list[str], backend: str, onnx_folder: Path
+) -> dict[str, Any]:
     """``xraybatch run-folder`` in its own process; rate from the first claim to the last result."""
     from sqlalchemy import create_engine, text
+
+    if backend == "onnxruntime":  # the files exported once, as a site's workdir keeps them
+        shutil.copytree(onnx_folder, work / "models")
 
     cmd = [sys.executable, "-m", "xraybatch", "run-folder", str(folder), "--workdir", str(work), "--no-progress",
            *[a for b in bundles for a in ("--bundle", b)], *extra]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", "XRAYBATCH_MODEL_BACKEND": backend})
     peaks: dict[int, float] = {}
     while proc.poll() is None:
         _ps_peak(_descendants(proc.pid), peaks)
@@ -283,6 +293,8 @@ def main() -> None:
     parser.add_argument("--bundle", action="append", default=[], help="bundle dir (default: the shipped bundles)")
     parser.add_argument("--drops", type=int, default=5, help="single-file drops for the watch latency (0: skip)")
     parser.add_argument("--run-folder-arg", action="append", default=[], help="extra run-folder argument")
+    parser.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                        help="[model] backend of (a) and (b); the ONNX files are exported once, before timing")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args()
 
@@ -291,11 +303,18 @@ def main() -> None:
     bundles = tuple(args.bundle)
     batch = Settings().pipeline.batch_size
     report: dict[str, Any] = {"cores": available_cores(), "load_average": os.getloadavg(), "copies": args.copies,
-                              "repeat": args.repeat, "inputs": {}}
+                              "repeat": args.repeat, "backend": args.backend, "inputs": {}}
     print(f"cores {available_cores()}, load average {os.getloadavg()[0]:.2f}, {args.copies} copies, "
-          f"{args.repeat} repeats")
+          f"{args.repeat} repeats, backend {args.backend}")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        onnx_folder = tmp / "onnx"
+        if args.backend == "onnxruntime":
+            from xraybatch.infer import Predictor
+            from xraybatch.models.registry import find_bundles
+
+            for spec in find_bundles(bundles):
+                Predictor(spec, "onnxruntime", onnx_folder)
         for name, source in inputs().items():
             if args.input and name not in args.input:
                 continue
@@ -304,9 +323,9 @@ def main() -> None:
                 report["inputs"][name] = {"left_out": f"{SHARED_JPEG} is absent"}
                 continue
             paths = make_copies(source, tmp / name, args.copies)
-            floors = [floor(paths, bundles, batch) for _ in range(args.repeat)]
-            runs = [run_folder(tmp / name, tmp / f"{name}-work{r}", bundles, args.run_folder_arg)
-                    for r in range(args.repeat)]
+            floors = [floor(paths, bundles, batch, args.backend, onnx_folder) for _ in range(args.repeat)]
+            runs = [run_folder(tmp / name, tmp / f"{name}-work{r}", bundles, args.run_folder_arg, args.backend,
+                               onnx_folder) for r in range(args.repeat)]
             naive_run = naive(paths[: args.naive_copies], bundles, tmp / f"{name}-naive") if args.naive_copies else {}
             f = statistics.median(x["images_per_s"] for x in floors)
             b = statistics.median(x["images_per_s"] for x in runs)

@@ -58,6 +58,16 @@ def test_models_list(tiny_bundles: Path) -> None:
     assert "tiny-binary" in result.output and "tiny-multilabel" in result.output and "sha256 ok" in result.output
 
 
+def test_models_export_writes_checked_onnx_files(tmp_path: Path, tiny_bundles: Path) -> None:
+    result = CliRunner().invoke(main, ["models", "export", "--bundle", str(tiny_bundles), "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "models").glob("*.onnx"))
+    assert [f.name.split("-0.0.1")[0] for f in files] == ["tiny-binary", "tiny-multilabel"]
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2 and all("largest difference from torch: probability" in line for line in lines)
+    assert str(files[0]) in result.output
+
+
 def test_run_folder_and_export(tmp_path: Path, tiny_bundles: Path, dicom_factory: Callable[..., Path]) -> None:
     dicom_factory("a")
     dicom_factory("b", view="LL")

@@ -721,6 +721,34 @@ def models_list(bundles: tuple[Path, ...], verify: bool) -> None:
     Console(width=200).print(table)
 
 
+@models.command("export")
+@settings_options
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Bundle directory (repeatable); default: [model] bundles, or the shipped bundles.")
+def models_export(settings: Settings, bundles: tuple[Path, ...]) -> None:
+    """Export each bundle to ONNX for `[model] backend = "onnxruntime"`, and check it against torch.
+
+    The files go to WORKDIR/models/, named by bundle and weights; run-folder, watch and receive with that
+    backend use them (and export them themselves at first use when they are missing).
+
+    Example:
+
+        xraybatch models export --workdir /var/lib/xraybatch
+    """
+    from xraybatch.infer import load_network
+    from xraybatch.models import export
+    from xraybatch.models.registry import find_bundles
+
+    chosen = tuple(str(b) for b in bundles) or settings.model.bundles
+    for spec in _run(lambda: find_bundles(chosen)):
+        net = _run(functools.partial(load_network, spec))
+        path = _run(functools.partial(export.export, spec, net, export.onnx_path(spec, settings.models_dir)))
+        model = _run(functools.partial(export.load, spec, net, settings.models_dir, 1))
+        check = model.check(net)
+        click.echo(f"{spec.model_id}: {path} (largest difference from torch: probability {check.probability:.1e}, "
+                   f"activation {check.activation:.1e})")
+
+
 @main.group("config")
 def config() -> None:
     """Inspect the settings.

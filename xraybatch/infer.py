@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,16 +76,33 @@ class Features:
 class Predictor:
     """One loaded bundle. ``predict`` returns a :class:`Prediction` per input, aligned with ``targets``."""
 
-    def __init__(self, spec: BundleSpec) -> None:
+    def __init__(self, spec: BundleSpec, backend: str = "torch", onnx_folder: Path | None = None) -> None:
+        """Load ``spec``; with ``backend="onnxruntime"`` its forward pass runs in ONNX Runtime, from the checked
+        ONNX file in ``onnx_folder`` (exported there at first use; see :mod:`xraybatch.models.export`)."""
         self.spec = spec
-        self.net = load_network(spec)
+        self.net = load_network(spec)  # torch's network is kept for Grad-CAM's backward through the head
         self.targets = spec.targets
         self._temperature = torch.tensor(spec.temperature, dtype=torch.float32)
-        logger.info("loaded model %s (%s, %d targets)", spec.model_id, spec.architecture, len(spec.targets))
+        self._onnx = None
+        if backend == "onnxruntime":
+            from xraybatch.models import export
+
+            if onnx_folder is None:
+                raise ValueError("the onnxruntime backend needs the folder of its ONNX files")
+            self._onnx = export.load(spec, self.net, onnx_folder, torch.get_num_threads())
+        logger.info("loaded model %s (%s, %d targets, %s)", spec.model_id, spec.architecture, len(spec.targets),
+                    backend)
+
+    @property
+    def backend(self) -> str:
+        return "torch" if self._onnx is None else "onnxruntime"
 
     def forward(self, inputs: Sequence[ModelInput]) -> Features:
-        """Backbone and head of one batch under ``torch.inference_mode``."""
+        """Backbone and head of one batch, under ``torch.inference_mode`` or in ONNX Runtime."""
         batch = to_tensor([i.pixels for i in inputs], self.spec.input)
+        if self._onnx is not None:
+            activations, logits = self._onnx.run(batch)
+            return Features(activations=activations, logits=logits)
         with torch.inference_mode():
             activations = self.net.features(batch)
             logits = self.net.head(activations)

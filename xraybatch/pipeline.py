@@ -233,7 +233,7 @@ class Processor:
         set_threads(settings.model.threads)
         specs = find_bundles(settings.model.bundles)
         check_preprocessing(settings.preprocess, specs)
-        predictors = [Predictor(spec) for spec in specs]
+        predictors = [Predictor(spec, settings.model.backend, settings.models_dir) for spec in specs]
         url = settings.db_url
         if url.startswith("sqlite"):
             settings.workdir.mkdir(parents=True, exist_ok=True)

@@ -74,12 +74,16 @@ class PipelineConfig:
     batch_size: int = 8  # images per forward pass
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model bundles to load and how to run them."""
 
     bundles: tuple[str, ...] = ()  # bundle directories; empty = the bundles shipped with xraybatch
     threads: int = 0  # torch intra-op threads; 0 = torch's default (one per core)
+    backend: str = "torch"  # "torch", or "onnxruntime": faster forward passes, from ONNX files in WORKDIR/models
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,11 @@ class Settings:
     def outbox(self) -> Path:
         """Folder that receives the DICOM outputs."""
         return self.workdir / "outbox"
+
+    @property
+    def models_dir(self) -> Path:
+        """Folder of the ONNX files the onnxruntime backend exports from the bundles."""
+        return self.workdir / "models"
 
 
 _TOP_LEVEL = ("workdir", "umask")  # Settings fields that are plain values, not sections
@@ -366,6 +375,8 @@ def _validate(obj: Any) -> None:
     elif isinstance(obj, ModelConfig):
         if obj.threads < 0:
             raise ConfigError(f"[model] threads must be >= 0, got {obj.threads}")
+        if obj.backend not in BACKENDS:
+            raise ConfigError(f"[model] backend must be one of {', '.join(BACKENDS)}, got {obj.backend!r}")
     elif isinstance(obj, ExplainConfig) and obj.max_findings < 0:
         raise ConfigError(f"[explain] max_findings must be >= 0, got {obj.max_findings}")
     elif isinstance(obj, PreprocessConfig):

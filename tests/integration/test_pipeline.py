@@ -260,6 +260,34 @@ def test_links_and_fifos_in_the_folder_are_logged_once_never_opened(
     assert sum("a symbolic link" in m for m in skipped) == 2
 
 
+def test_the_onnxruntime_backend_gives_the_same_results_and_outputs(tmp_path: Path, tiny_bundles: Path) -> None:
+    """run-folder with ``[model] backend = "onnxruntime"``: the ONNX files are exported into WORKDIR/models at
+    first use; predictions match torch's within 1e-4, positives and outputs (heat maps included) are the same."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    inbox = tmp_path / "in"
+    for i in range(4):
+        write_dicom(inbox / f"img{i}.dcm", pixels=rng.integers(0, 4096, (160, 144)).astype(np.uint16))
+    runs = {}
+    for backend in ("torch", "onnxruntime"):
+        settings = _settings(tmp_path / backend, tiny_bundles, model={"bundles": [str(tiny_bundles)],
+                                                                      "backend": backend})
+        assert run_folder(inbox, settings).counts == {"done": 4}
+        predictions = {(r["sop_instance_uid"], r["model"], r["target"]): (float(r["probability"]), r["positive"])  # type: ignore[arg-type]
+                       for r in _rows(settings, "predictions")}
+        outputs = {(r["source_sop_instance_uid"], r["kind"], r["sop_instance_uid"]) for r in _rows(settings, "outputs")}
+        runs[backend] = predictions, outputs
+    assert sorted(p.name[:13] for p in (tmp_path / "onnxruntime" / "work" / "models").iterdir()) == [
+        "tiny-binary-0", "tiny-multilab"]
+    assert not (tmp_path / "torch" / "work" / "models").exists()
+    (p1, o1), (p2, o2) = runs["torch"], runs["onnxruntime"]
+    assert p1.keys() == p2.keys() and len(p1) == 4 * 16
+    assert max(abs(p1[k][0] - p2[k][0]) for k in p1) < 1e-4
+    assert {k: v[1] for k, v in p1.items()} == {k: v[1] for k, v in p2.items()}
+    assert o1 == o2 and {kind for _, kind, _ in o1} >= {"sc", "sr"}
+
+
 def test_worker_processes_give_the_same_results_as_one_worker(tmp_path: Path, tiny_bundles: Path) -> None:
     """Two worker processes (their own models, one torch thread each, decoding in-process) against one worker in
     this process: the same predictions and the same output objects (UIDs derive from source and model set)."""
