@@ -102,7 +102,7 @@ def test_a_network_that_disagrees_with_torch_does_not_load(tiny_bundle: Path, tm
         Predictor(spec, "onnxruntime", tmp_path / "models")
 
 
-def test_the_backend_setting_is_checked(tmp_path: Path) -> None:
+def test_the_backend_setting_is_checked() -> None:
     assert load_settings(None, {"model": {"backend": "onnxruntime"}}, environ={}).model.backend == "onnxruntime"
     assert load_settings(None, {}, environ={"XRAYBATCH_MODEL_BACKEND": "onnxruntime"}).model.backend == "onnxruntime"
     with pytest.raises(ConfigError, match="backend must be one of torch, onnxruntime"):
