@@ -743,8 +743,8 @@ def models_export(settings: Settings, bundles: tuple[Path, ...]) -> None:
     for spec in _run(lambda: find_bundles(chosen)):
         net = _run(functools.partial(load_network, spec))
         path = _run(functools.partial(export.export, spec, net, export.onnx_path(spec, settings.models_dir)))
-        model = _run(functools.partial(export.load, spec, net, settings.models_dir, 1))
-        check = model.check(net)
+        check = _run(functools.partial(export.load, spec, net, settings.models_dir, 1)).checked
+        assert check is not None  # load returns only a checked model
         click.echo(f"{spec.model_id}: {path} (largest difference from torch: probability {check.probability:.1e}, "
                    f"activation {check.activation:.1e})")
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from xraybatch.errors import ModelError
+from xraybatch.files import fsync_dir
 from xraybatch.models.registry import BundleSpec
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def export(spec: BundleSpec, net: XrayNet, path: Path) -> Path:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except (RuntimeError, OSError, ImportError) as err:
         raise ModelError(f"bundle {spec.path}: could not export it to ONNX at {path}: {err}") from err
     finally:
@@ -97,6 +99,7 @@ class OnnxModel:
         self.spec = spec
         self.session = session
         self.path = path
+        self.checked: Check | None = None  # the result of the check :func:`load` made
 
     def run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations and logits of a normalised (N, C, H, W) float32 batch, as torch tensors."""
@@ -130,7 +133,7 @@ def _checked(spec: BundleSpec, net: XrayNet, path: Path, threads: int) -> OnnxMo
     """The model of ``path`` when it runs and matches ``net``; otherwise what is wrong with it."""
     try:
         model = OnnxModel(spec, _session(path, threads), path)
-        result = model.check(net)
+        result = model.checked = model.check(net)
     except Exception as err:  # noqa: BLE001 - a damaged or foreign file; ONNX Runtime's errors share no base
         return f"cannot be run ({type(err).__name__})"
     if not result.passed:
