@@ -207,7 +207,7 @@ def run_folder_cmd(input_dir: Path, bundles: tuple[Path, ...], batch_size: int |
         task = bar.add_task("run", total=total, last="")
         summary = _run(lambda: pipeline.run_folder(
             input_dir, settings, on_outcome=lambda o: bar.update(task, advance=1, last=str(o.state)),
-            workers=workers,
+            workers=workers, files=total,
         ))
     table = Table(title="run-folder summary")
     table.add_column("state")

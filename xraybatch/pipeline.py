@@ -536,6 +536,7 @@ def run_folder(
     on_outcome: Callable[[Outcome], None] | None = None,
     *,
     workers: int | None = None,
+    files: int | None = None,
 ) -> RunSummary:
     """Process every regular file under ``input_dir`` once, through the shared queue; input files stay in place.
 
@@ -558,6 +559,10 @@ def run_folder(
         files and one per 2 GiB of free memory, :func:`xraybatch.settings.worker_count`); ``None`` takes
         ``[pipeline] workers``. Several workers share the cores
         (:func:`xraybatch.settings.for_worker`).
+    files
+        How many files :func:`iter_files` finds under ``input_dir``, when the caller has already counted them
+        (e.g. for a progress bar): the default worker count needs it, and a large folder is then walked once
+        less.
 
     Raises
     ------
@@ -578,7 +583,8 @@ def run_folder(
         raise ValueError(f"workers must be >= 0, got {workers}")
     root = input_dir.resolve()
     if workers == 0:
-        files = sum(1 for _ in iter_files(root, report=False))
+        if files is None:
+            files = sum(1 for _ in iter_files(root, report=False))
         workers = worker_count(0, files, settings.pipeline.batch_size)
     model_set = ",".join(sorted(spec.model_id for spec in find_bundles(settings.model.bundles)))
     url = settings.db_url

@@ -217,6 +217,23 @@ def test_no_patient_data_in_logs(
     assert "rejected file:" in caplog.text  # a file without a readable header is named by its path digest
 
 
+def test_the_default_worker_count_uses_the_callers_file_count(
+    tmp_path: Path, tiny_bundles: Path, dicom_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI counts the files for its progress bar; run-folder takes that count instead of walking again."""
+    from xraybatch import pipeline
+
+    for name in ("a", "b", "c"):
+        dicom_factory(name)
+    asked = []
+    real = pipeline.worker_count
+    monkeypatch.setattr(pipeline, "worker_count", lambda w, n, b: asked.append(n) or real(w, 1, b))
+    summary = run_folder(tmp_path / "in", _settings(tmp_path, tiny_bundles), workers=0, files=1)
+    assert asked == [1] and summary.counts == {"done": 3}
+    run_folder(tmp_path / "in", _settings(tmp_path, tiny_bundles), workers=0)
+    assert asked == [1, 3]  # not given: counted
+
+
 def test_processor_reports_missing_models(tmp_path: Path) -> None:
     from xraybatch.errors import ModelError
 
@@ -278,7 +295,7 @@ def test_the_onnxruntime_backend_gives_the_same_results_and_outputs(tmp_path: Pa
                        for r in _rows(settings, "predictions")}
         outputs = {(r["source_sop_instance_uid"], r["kind"], r["sop_instance_uid"]) for r in _rows(settings, "outputs")}
         runs[backend] = predictions, outputs
-    assert sorted(p.name[:13] for p in (tmp_path / "onnxruntime" / "work" / "models").iterdir()) == [
+    assert sorted(p.name[:13] for p in (tmp_path / "onnxruntime" / "work" / "models").glob("*.onnx")) == [
         "tiny-binary-0", "tiny-multilab"]
     assert not (tmp_path / "torch" / "work" / "models").exists()
     (p1, o1), (p2, o2) = runs["torch"], runs["onnxruntime"]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +35,7 @@ def test_probabilities_and_activations_match_torch(tiny_bundles: Path, tmp_path:
     torch_p = Predictor(spec)
     onnx_p = Predictor(spec, "onnxruntime", folder)
     assert (torch_p.backend, onnx_p.backend) == ("torch", "onnxruntime")
-    assert [p.name for p in folder.iterdir()] == [export.onnx_path(spec, folder).name]
+    assert [p.name for p in folder.glob("*.onnx")] == [export.onnx_path(spec, folder).name]
     inputs = _inputs(5, spec.input.size[0])  # a batch size the export never saw: the batch axis is dynamic
     a, b = torch_p.forward(inputs), onnx_p.forward(inputs)
     torch.testing.assert_close(b.activations, a.activations, atol=1e-4, rtol=1e-4)
@@ -86,6 +90,39 @@ def test_a_file_of_other_weights_is_exported_again(tiny_bundle: Path, tmp_path: 
     assert "differs from its weights" in caplog.text
     net = predictor.net
     assert export.load(spec, net, folder, 1).check(net).passed
+
+
+def _load_counting_exports(bundle: Path, folder: Path, marks: Path, barrier: Any) -> None:
+    """In a worker process: load ``bundle`` with ONNX Runtime once the others are ready; mark each export."""
+    real = export.export
+
+    def counting(spec: Any, net: Any, path: Path) -> Path:
+        (marks / str(os.getpid())).touch()
+        time.sleep(0.5)  # a slow export: a worker that does not wait for it would export too
+        return real(spec, net, path)
+
+    export.export = counting  # type: ignore[assignment]
+    spec = read_bundle(bundle)
+    barrier.wait(timeout=120)
+    Predictor(spec, "onnxruntime", folder)
+
+
+def test_workers_starting_together_export_once(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Several workers with a cold work folder: one exports, the others wait for its file and check it."""
+    folder, marks = tmp_path / "models", tmp_path / "marks"
+    marks.mkdir()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    workers = [ctx.Process(target=_load_counting_exports, args=(tiny_bundle, folder, marks, barrier))
+               for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(180)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert len(list(marks.iterdir())) == 1
+    assert [p.name for p in folder.glob("*.onnx")] == [export.onnx_path(read_bundle(tiny_bundle), folder).name]
+    assert not list(folder.glob(".*.tmp-*"))
 
 
 def test_a_network_that_disagrees_with_torch_does_not_load(tiny_bundle: Path, tmp_path: Path,

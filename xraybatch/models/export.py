@@ -10,10 +10,13 @@ used: probabilities must agree within :data:`TOLERANCE`, or the bundle does not 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +122,23 @@ class OnnxModel:
         return Check(float((p_ref - p_ours).abs().max()), float((reference[0] - ours[0]).abs().max()))
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (beside the ONNX file) for the block: one process at a time
+    exports or checks the file, on this host or on others sharing the work folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f"{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise ModelError(f"cannot create the lock file {lock} for the ONNX export: {err}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def _session(path: Path, threads: int) -> Any:
     import onnxruntime as ort
 
@@ -161,14 +181,15 @@ def load(spec: BundleSpec, net: XrayNet, folder: Path, threads: int) -> OnnxMode
             'onnx, or set [model] backend = "torch"'
         ) from err
     path = onnx_path(spec, folder)
-    fresh = not path.exists()
-    if fresh:
-        export(spec, net, path)
-    outcome = _checked(spec, net, path, threads)
-    if isinstance(outcome, str) and not fresh:
-        logger.warning("the ONNX file of model %s %s; exporting it again", spec.model_id, outcome)
-        export(spec, net, path)
+    with _exclusive(path):  # workers starting together: one exports, the others wait and then check its file
+        fresh = not path.exists()
+        if fresh:
+            export(spec, net, path)
         outcome = _checked(spec, net, path, threads)
+        if isinstance(outcome, str) and not fresh:
+            logger.warning("the ONNX file of model %s %s; exporting it again", spec.model_id, outcome)
+            export(spec, net, path)
+            outcome = _checked(spec, net, path, threads)
     if isinstance(outcome, str):
         raise ModelError(f"bundle {spec.path}: the ONNX export {outcome}; run it with [model] backend = \"torch\"")
     return outcome
