@@ -61,8 +61,9 @@ def to_display(image: XrayImage, cfg: PreprocessConfig) -> DisplayImage:
     """
     ds = image.dataset
     notes: list[str] = list(image.notes)
+    levels = _Levels.of(image.pixels)  # every step below maps each stored value on its own: run it per value
     try:
-        values = apply_modality_lut(image.pixels, ds)
+        values = apply_modality_lut(image.pixels if levels is None else levels.values, ds)
         if "ModalityLUTSequence" in ds:
             notes.append("modality LUT applied")
         elif float(ds.get("RescaleSlope", 1) or 1) != 1 or float(ds.get("RescaleIntercept", 0) or 0) != 0:
@@ -76,7 +77,7 @@ def to_display(image: XrayImage, cfg: PreprocessConfig) -> DisplayImage:
             notes.append(f"{used} applied")
         else:
             windowed = values
-            low, high = percentile_window(values, cfg)
+            low, high = percentile_window(values, cfg, None if levels is None else levels.counts)
             notes.append(f"no VOI in file: percentile window {cfg.percentile_window[0]}-{cfg.percentile_window[1]}")
     except _LUT_ERRORS as err:
         detail = mask_exception_text(f"{type(err).__name__}: {err}")[:200]  # pydicom quotes the values it rejects
@@ -85,7 +86,44 @@ def to_display(image: XrayImage, cfg: PreprocessConfig) -> DisplayImage:
     if image.header.photometric_interpretation == "MONOCHROME1":
         display = 1.0 - display
         notes.append("MONOCHROME1 inverted")
-    return DisplayImage(pixels=display, notes=tuple(notes))
+    return DisplayImage(pixels=display if levels is None else levels.expand(display), notes=tuple(notes))
+
+
+class _Levels:
+    """An integer image as its distinct stored values: ``values[i]`` occurs ``counts[i]`` times.
+
+    A radiograph of millions of pixels holds a few thousand distinct values, and the modality LUT, the VOI,
+    the normalisation and the MONOCHROME1 inversion each map one value to one value. Running them on
+    ``values`` and expanding the result with one table lookup (:meth:`expand`) gives, pixel for pixel, what
+    they give on the whole image, at a fraction of the cost.
+    """
+
+    def __init__(self, offsets: np.ndarray, present: np.ndarray, counts: np.ndarray, low: int,
+                 dtype: np.dtype) -> None:
+        self.offsets = offsets  # per pixel: stored value - low
+        self.present = present  # the offsets that occur, ascending
+        self.counts = counts  # pixels per present offset
+        self.values = (present + low).astype(dtype)  # the distinct stored values, in the image's dtype
+
+    @classmethod
+    def of(cls, stored: np.ndarray) -> _Levels | None:
+        """The levels of ``stored``; None for non-integer values or a range over 2**20 (too sparse to gain)."""
+        if not np.issubdtype(stored.dtype, np.integer) or stored.size == 0:
+            return None
+        low, high = int(stored.min()), int(stored.max())
+        if high - low >= 1 << 20:
+            return None
+        offsets = stored if low == 0 and stored.dtype.itemsize <= 2 else stored.astype(np.int64) - low
+        histogram = np.bincount(offsets.ravel())
+        present = np.flatnonzero(histogram)
+        return cls(offsets, present, histogram[present], low, stored.dtype)
+
+    def expand(self, per_value: np.ndarray) -> np.ndarray:
+        """The image whose every pixel holds ``per_value`` of its stored value (``per_value`` parallel to
+        ``values``), in ``per_value``'s dtype."""
+        table = np.zeros(int(self.present[-1]) + 1, dtype=per_value.dtype)
+        table[self.present] = per_value
+        return table[self.offsets]
 
 
 def resample(pixels: np.ndarray, size: tuple[int, int], dtype: type = np.float32) -> np.ndarray:
@@ -150,10 +188,31 @@ def _voi_output_range(values: np.ndarray, ds: Dataset, prefer_lut: bool) -> tupl
     return float(np.min(out)), float(np.max(out))
 
 
-def percentile_window(values: np.ndarray, cfg: PreprocessConfig) -> tuple[float, float]:
-    """The robust window (low, high) used where a file carries no VOI: the configured percentiles."""
-    low, high = np.percentile(values, cfg.percentile_window)
-    return float(low), float(high)
+def percentile_window(values: np.ndarray, cfg: PreprocessConfig,
+                      counts: np.ndarray | None = None) -> tuple[float, float]:
+    """The robust window (low, high) used where a file carries no VOI: the configured percentiles.
+
+    ``counts`` (parallel to ``values``) counts each value that many times, as if repeated; the percentiles
+    are numpy's default ("linear": interpolated between the two nearest ranks) of the repeated values.
+    """
+    if counts is None:
+        low, high = np.percentile(values, cfg.percentile_window)
+        return float(low), float(high)
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    order = np.argsort(flat, kind="stable")
+    ranked, ends = flat[order], np.cumsum(np.asarray(counts, dtype=np.int64).ravel()[order])
+    n = int(ends[-1])
+
+    def at_rank(k: int) -> float:  # the k-th smallest of the repeated values, from 0
+        return float(ranked[np.searchsorted(ends, min(k, n - 1), side="right")])
+
+    window = []
+    for q in cfg.percentile_window:
+        h = (n - 1) * q / 100.0
+        k = int(np.floor(h))
+        a, b = at_rank(k), at_rank(k + 1)
+        window.append(a + (b - a) * (h - k))
+    return window[0], window[1]
 
 
 def _normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -172,8 +231,12 @@ def from_8bit(pixels: np.ndarray, cfg: PreprocessConfig) -> DisplayImage:
         pixels = pixels[..., :3].mean(axis=2)
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale or 3-D colour array, got shape {pixels.shape}")
-    low, high = percentile_window(pixels, cfg)
-    return DisplayImage(pixels=_normalise(pixels, low, high), notes=("percentile window",))
+    levels = _Levels.of(pixels)  # as to_display does it for an integer image
+    if levels is None:
+        low, high = percentile_window(pixels, cfg)
+        return DisplayImage(pixels=_normalise(pixels, low, high), notes=("percentile window",))
+    low, high = percentile_window(levels.values, cfg, levels.counts)
+    return DisplayImage(pixels=levels.expand(_normalise(levels.values, low, high)), notes=("percentile window",))
 
 
 # -- model input -------------------------------------------------------------------------------------------
@@ -209,16 +272,11 @@ def bone_bright_values(image: XrayImage) -> np.ndarray:
 
 
 def _bone_bright(stored: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
-    """Integer stored values are counted per distinct value (``np.bincount``); only those few thousand values go
-    through the Modality LUT, then one table lookup maps every pixel."""
+    """Integer stored values go through the Modality LUT once per distinct value (:class:`_Levels`)."""
     try:
-        if np.issubdtype(stored.dtype, np.integer) and int(stored.max()) - int(stored.min()) < 1 << 20:
-            low = int(stored.min())
-            levels = (stored.astype(np.int64) - low) if low else stored.astype(np.intp, copy=False)
-            present = np.flatnonzero(np.bincount(levels.ravel()))
-            table = np.zeros(int(present[-1]) + 1, dtype=np.float64)
-            table[present] = np.asarray(apply_modality_lut((present + low).astype(stored.dtype), ds), np.float64)
-            values = table[levels]
+        levels = _Levels.of(stored)
+        if levels is not None:
+            values = levels.expand(np.asarray(apply_modality_lut(levels.values, ds), np.float64))
         else:
             values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     except _LUT_ERRORS as err:

@@ -84,6 +84,56 @@ def test_percentile_window_without_voi() -> None:
     assert out.notes == ("no VOI in file: percentile window 0.5-99.5",)
 
 
+def _voi_lut(entries: int, first: int) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [entries, first, 16]
+    item.LUTData = [int(v) for v in np.linspace(0, 65535, entries) ** 1.5 / 65535 ** 0.5]
+    return item
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("case", ["window", "rescale+window", "sigmoid", "voi-lut", "no-voi", "rescale+no-voi",
+                                  "signed", "8-bit"])
+def test_the_display_is_computed_per_stored_value_exactly(
+    case: str, photometric: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """to_display runs the LUTs once per distinct stored value and expands the result: pixel for pixel the
+    same as running them on every pixel (the path a non-integer image takes)."""
+    rng = np.random.default_rng(len(case))
+    dtype, bits = {"signed": (np.int16, 16), "8-bit": (np.uint8, 8)}.get(case, (np.uint16, 12))
+    low, high = (-2000, 3000) if case == "signed" else (0, (1 << bits) - 1)
+    pixels = rng.integers(low, high, (96, 80), endpoint=True).astype(dtype)
+    attrs: dict[str, object] = {}
+    if "rescale" in case:
+        attrs.update(RescaleSlope=0.37, RescaleIntercept=-1024)
+    if "window" in case or case in ("sigmoid", "signed"):
+        attrs.update(WindowCenter=1500, WindowWidth=1800)
+    if case == "sigmoid":
+        attrs.update(VOILUTFunction="SIGMOID")
+    ds = make_dataset(pixels, photometric=photometric, bits_stored=bits, **attrs)
+    if case == "signed":
+        ds.PixelRepresentation = 1
+    if case == "voi-lut":
+        ds.VOILUTSequence = [_voi_lut(4096, 0)]
+    per_value = preprocess.to_display(_image(ds, pixels), CFG)
+    monkeypatch.setattr(preprocess._Levels, "of", classmethod(lambda cls, stored: None))
+    per_pixel = preprocess.to_display(_image(ds, pixels), CFG)
+    assert per_value.notes == per_pixel.notes
+    assert per_value.pixels.dtype == per_pixel.pixels.dtype == np.float32
+    np.testing.assert_array_equal(per_value.pixels, per_pixel.pixels)
+
+
+def test_the_percentile_window_of_counted_values_is_numpys() -> None:
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=300)
+    counts = rng.integers(1, 50, 300)
+    for window in [(0.5, 99.5), (0.0, 100.0), (10.0, 90.0)]:
+        cfg = PreprocessConfig(percentile_window=window)
+        expected = np.percentile(np.repeat(values, counts), window)
+        np.testing.assert_allclose(preprocess.percentile_window(values, cfg, counts), expected, rtol=0, atol=1e-12)
+    assert preprocess.percentile_window(np.array([4.0]), CFG, np.array([9])) == (4.0, 4.0)
+
+
 def test_8bit_training_picture_equals_monochrome2_dicom_of_it() -> None:
     rng = np.random.default_rng(0)
     picture = rng.integers(0, 256, (64, 80), dtype=np.uint8)

@@ -421,6 +421,37 @@ def test_sr_round_trip(source: pydicom.Dataset, predictions: tuple[Prediction, .
     assert any(c.startswith("The models disagree on Pneumonia") for c in comments)
 
 
+def test_sr_is_the_document_highdicom_builds_from_the_whole_tree(
+    source: pydicom.Dataset, predictions: tuple[Prediction, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_sr hands highdicom the report's root without its items and attaches them after (the constructor's
+    copy and search of the tree cost two thirds of the build): the document, evidence included, is the one
+    highdicom makes from the whole tree, byte for byte but for the dates and times of creation."""
+    import io
+
+    from xraybatch.writeback import build_pm
+    from xraybatch.writeback import sr as sr_module
+
+    rows, cols = source.Rows, source.Columns
+    sc = build_sc(source, _display(rows, cols), predictions, [_blob(rows, cols)], OutputConfig())
+    pm = build_pm(source, _blob(rows, cols), predictions, OutputConfig())
+    fast = build_sr(source, predictions, OutputConfig(), [sc, pm])
+    monkeypatch.setattr(sr_module, "_without_items", lambda root: root)  # highdicom gets, checks the whole tree
+    whole = build_sr(source, predictions, OutputConfig(), [sc, pm])
+    assert len(fast.ContentSequence) == len(whole.ContentSequence) > 3
+    assert {i.ReferencedSOPInstanceUID for e in fast.CurrentRequestedProcedureEvidenceSequence
+            for s in e.ReferencedSeriesSequence for i in s.ReferencedSOPSequence} == {
+        source.SOPInstanceUID, sc.SOPInstanceUID, pm.SOPInstanceUID}
+    encoded = []
+    for ds in (fast, whole):
+        ds.walk(lambda _, element: setattr(element, "value", "") if element.VR in ("DA", "TM", "DT") else None)
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        encoded.append(out.getvalue())
+    assert encoded[0] == encoded[1]
+    assert not hasattr(fast, "content")  # a plain dataset: no parsed copy of the tree to go stale
+
+
 def _qualitative_container(sr: pydicom.Dataset) -> pydicom.Dataset:
     (container,) = [
         item
