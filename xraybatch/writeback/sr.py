@@ -292,7 +292,7 @@ def _without_items(root: Dataset) -> Dataset:
     the 16 groups of two models that is two thirds of the SR's build time. Given the root without its items,
     it builds the same document (the evidence lists every instance given, referenced or not); ``build_sr``
     then attaches the items, whose references are all to the source and to the objects given as evidence.
-    A test builds the report both ways and compares them attribute by attribute.
+    A test builds the report both ways and compares the encoded documents byte for byte.
     """
     shell = Dataset()
     for element in root:
