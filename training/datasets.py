@@ -315,6 +315,54 @@ def _read_dicom(path: Path) -> XrayImage:
         raise ValueError(f"{path}: {err}") from err
 
 
+def jpeg_quality_of(images: ImageSet, size: tuple[int, int], sample: int = 64) -> int:
+    """The JPEG quality the training pictures were stored at, at the model's ``size`` (height, width); 0 if none.
+
+    Up to ``sample`` pictures, spread evenly over the set, are opened (headers only). When every one is a JPEG
+    file of exactly ``size`` whose luminance quantisation table is the one Pillow writes at some quality, and
+    all share that quality, it is returned; otherwise (PNG, DICOM, other sizes, mixed or unknown tables) 0.
+    """
+    from PIL import Image
+
+    if not images.samples:
+        return 0
+    step = max(1, len(images.samples) // sample)
+    found: set[int] = set()
+    for item in images.samples[::step][:sample]:
+        try:
+            with Image.open(item.path) as picture:
+                if picture.format != "JPEG" or picture.size != (size[1], size[0]):
+                    return 0
+                table = tuple(picture.quantization[0])  # type: ignore[attr-defined]  # JpegImageFile
+        except (OSError, KeyError, ValueError):  # not a picture Pillow reads (a DICOM file), or no tables
+            return 0
+        quality = _pillow_quality(table)
+        if quality is None:
+            return 0
+        found.add(quality)
+    return found.pop() if len(found) == 1 else 0
+
+
+_PILLOW_TABLES: dict[tuple[int, ...], int] = {}
+
+
+def _pillow_quality(table: tuple[int, ...]) -> int | None:
+    """The Pillow JPEG quality (1-100) whose luminance quantisation table is ``table``, or None."""
+    import io
+
+    from PIL import Image
+
+    if not _PILLOW_TABLES:
+        tile = Image.new("L", (8, 8), 128)
+        for quality in range(100, 0, -1):  # a table shared by several qualities maps to the lowest of them
+            buffer = io.BytesIO()
+            tile.save(buffer, format="JPEG", quality=quality)
+            buffer.seek(0)
+            with Image.open(buffer) as written:
+                _PILLOW_TABLES[tuple(written.quantization[0])] = quality  # type: ignore[attr-defined]
+    return _PILLOW_TABLES.get(table)
+
+
 def cache_key(images: ImageSet, cfg: ModelPreprocess, size: tuple[int, int]) -> str:
     """A hash of the file contents, the preprocessing settings and the size: names one cache file."""
     digest = hashlib.sha256()

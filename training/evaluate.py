@@ -462,6 +462,7 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
         (f"- Preprocessing (binding at inference): {meta['preprocessing']}, through "
         "`xraybatch.preprocess.model_input_8bit` / `model_input`, the functions inference runs."),
         "",
+        *_revision_lines(prov),
         "## How it was trained",
         f"- Command: `{prov['command']}`",
         *([("- Reproduce from a clean checkout: `make install`, then run the command above from the repository root "
@@ -655,6 +656,16 @@ def evaluate_bundle(
         text += [f"![ROC]({names[0]}) ![calibration]({names[1]}) ![confusion]({names[2]})", ""]
         report.write_text("\n".join(text), encoding="utf-8")
     return metrics
+
+
+def _revision_lines(prov: Mapping[str, Any]) -> list[str]:
+    """The card's "Revisions" section: changes made to the bundle after training (``provenance.revisions``)."""
+    revisions = prov.get("revisions") or []
+    if not revisions:
+        return []
+    lines = ["## Revisions after training"]
+    lines += [f"- {r['version']} ({r['date']}): {r['change']}" for r in revisions]
+    return [*lines, ""]
 
 
 def refresh_model_card(bundle: Path) -> Path:

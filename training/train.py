@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from training.datasets import ImageSet, StreamedInputs, iter_batches, load_inputs, scan
+from training.datasets import ImageSet, StreamedInputs, iter_batches, jpeg_quality_of, load_inputs, scan
 from training.evaluate import (
     binary_metrics,
     fit_temperatures,
@@ -74,6 +74,7 @@ class TrainConfig:
     init: str = "imagenet"  # imagenet | none | PATH to a weights file (see training.pretrained)
     input_size: int = 224  # model input is input_size x input_size (Kermany train images are 224x224)
     contrast: str = "equalise"  # model input contrast (ModelPreprocess): equalise (encoding-invariant) | display
+    input_jpeg_quality: int = -1  # ModelPreprocess.jpeg_quality; -1: read off the pictures (jpeg_quality_of); 0: off
     freeze: int = 4  # leading modules of net.features kept frozen (EfficientNet: stem + 3 stages); 0 = none
     # optimisation
     epochs: int = 7  # maximum number of epochs (the shipped binary run: 7 on 2 CPU cores, about 50 min)
@@ -134,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"loader must be auto, memory or stream, got {self.loader!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not -1 <= self.input_jpeg_quality <= 100:
+            raise ValueError(f"input_jpeg_quality must be -1 (detect), 0 (off) or 1-100, got {self.input_jpeg_quality}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the form stored in checkpoints and model.json)."""
@@ -303,19 +306,27 @@ class FitResult:
 
 def model_preprocess(cfg: TrainConfig) -> ModelPreprocess:
     """The bundle's binding preprocessing (recorded in model.json; inference makes its inputs the same way)."""
-    return ModelPreprocess(contrast=cfg.contrast)
+    return ModelPreprocess(contrast=cfg.contrast, jpeg_quality=cfg.input_jpeg_quality)
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[ImageSet, Split, np.ndarray | StreamedInputs]:
-    """Scan the data, split it by patient and load the cached model inputs (or stream them, for large sets)."""
+def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, ImageSet, Split, np.ndarray | StreamedInputs]:
+    """Scan the data, split it by patient and load the cached model inputs (or stream them, for large sets).
+
+    The returned settings have ``input_jpeg_quality`` resolved: -1 becomes what :func:`jpeg_quality_of` reads
+    off the training pictures."""
     images = scan(cfg.data, cfg.layout, cfg.split)
     split = patient_split(images, cfg.val_fraction, cfg.seed)
     size = (cfg.input_size, cfg.input_size)
+    if cfg.input_jpeg_quality < 0:
+        quality = jpeg_quality_of(images, size)
+        logger.info("training pictures: %s", f"JPEG quality {quality} at the model's size" if quality else
+                    "not all JPEG files of one quality at the model's size: no JPEG step in the model input")
+        cfg = dataclasses.replace(cfg, input_jpeg_quality=quality)
     if cfg.loader == "stream" or (cfg.loader == "auto" and len(images.samples) > cfg.stream_above):
         logger.info("streaming %d images through %d DataLoader workers", len(images.samples), cfg.workers)
-        return images, split, StreamedInputs(images, model_preprocess(cfg), size)
+        return cfg, images, split, StreamedInputs(images, model_preprocess(cfg), size)
     inputs = load_inputs(images, model_preprocess(cfg), size, Path(cfg.cache_dir) if cfg.cache_dir else None)
-    return images, split, inputs
+    return cfg, images, split, inputs
 
 
 def train(cfg: TrainConfig, out: Path, reporter: Reporter | None = None, resume: bool = False,
@@ -330,7 +341,7 @@ def train(cfg: TrainConfig, out: Path, reporter: Reporter | None = None, resume:
     started, revision = time.time(), git_revision()
     out = Path(out)
     seed_everything(cfg.seed, cfg.deterministic)
-    images, split, inputs = prepare_data(cfg)
+    cfg, images, split, inputs = prepare_data(cfg)
     result = fit(cfg, images, split, inputs, reporter=reporter, ckpt_dir=checkpoint_dir(cfg, out), resume=resume)
     return export_bundle(out, cfg, result.net, images, split, inputs, history=result.history,
                          best_epoch=result.best_epoch, device=result.device, started=started, command=command,
@@ -414,7 +425,8 @@ def fit(
         set_train_mode(net, cfg.freeze)
         total, seen, correct = 0.0, 0, 0
         for step, (idx, pixels) in enumerate(iter_batches(inputs, batches, workers, pin_memory=device.type == "cuda")):
-            pixels = reencode_batch(pixels, cfg.reencode, np.random.default_rng([cfg.seed, epoch, step]))
+            pixels = reencode_batch(pixels, cfg.reencode, np.random.default_rng([cfg.seed, epoch, step]),
+                                    cfg.input_jpeg_quality)
             views = augment(torch.as_tensor(pixels)[:, None], cfg.augment, generator)
             x = to_tensor(list(views[:, 0].numpy()), spec).to(device, non_blocking=True)
             y = torch.from_numpy(labels[idx]).to(device)

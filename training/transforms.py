@@ -109,8 +109,11 @@ class ReencodeConfig:
             raise ValueError(f"reencode jpeg_quality must be 1-95, got {self.jpeg_quality}")
 
 
-def reencode(view: np.ndarray, cfg: ReencodeConfig, rng: np.random.Generator) -> np.ndarray:
-    """One (H, W) model input in [0, 1] -> the model input of a randomly re-encoded copy (same shape)."""
+def reencode(view: np.ndarray, cfg: ReencodeConfig, rng: np.random.Generator, jpeg_quality: int = 0) -> np.ndarray:
+    """One (H, W) model input in [0, 1] -> the model input of a randomly re-encoded copy (same shape).
+
+    ``jpeg_quality`` is the bundle's preprocessing step (``ModelPreprocess.jpeg_quality``), applied by inference
+    to every input and so to the re-encoded copy too."""
     from pydicom.dataset import Dataset
     from scipy import ndimage
 
@@ -141,7 +144,7 @@ def reencode(view: np.ndarray, cfg: ReencodeConfig, rng: np.random.Generator) ->
     ds = Dataset()
     ds.RescaleSlope = float(rng.choice([1.0, 0.5, 2.0]))
     ds.RescaleIntercept = float(rng.choice([0.0, -1024.0, 100.0]))
-    return equalised_stored(stored, ds, invert)
+    return equalised_stored(stored, ds, invert, jpeg_quality)
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
@@ -156,6 +159,7 @@ def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(img.convert("L"))
 
 
-def reencode_batch(batch: np.ndarray, cfg: ReencodeConfig, rng: np.random.Generator) -> np.ndarray:
+def reencode_batch(batch: np.ndarray, cfg: ReencodeConfig, rng: np.random.Generator,
+                   jpeg_quality: int = 0) -> np.ndarray:
     """:func:`reencode` on every (H, W) view of an (N, H, W) batch."""
-    return np.stack([reencode(v, cfg, rng) for v in batch]).astype(np.float32, copy=False)
+    return np.stack([reencode(v, cfg, rng, jpeg_quality) for v in batch]).astype(np.float32, copy=False)

@@ -129,7 +129,7 @@ def run_study(base: TrainConfig, storage: Path, study_name: str, trials: int, ti
 
     if not 0.0 < subset <= 1.0:
         raise ValueError(f"subset must be in (0, 1], got {subset}")
-    images, split, inputs = prepare_data(base)
+    base, images, split, inputs = prepare_data(base)
     if subset < 1.0:
         split = Split(patient_subset(images, split.train, subset, base.seed),
                       patient_subset(images, split.val, subset, base.seed), split.seed, split.val_fraction)

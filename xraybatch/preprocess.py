@@ -285,12 +285,40 @@ def _bone_bright(stored: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
     return -values if invert else values
 
 
-def equalised_stored(stored: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
+def equalised_stored(stored: np.ndarray, ds: Dataset, invert: bool, jpeg_quality: int = 0) -> np.ndarray:
     """The ``equalise`` model input of stored values already at the model's size (training's re-encoding).
 
-    ``ds`` holds their Modality LUT attributes; ``invert`` (MONOCHROME1) reverses the order.
+    ``ds`` holds their Modality LUT attributes; ``invert`` (MONOCHROME1) reverses the order; ``jpeg_quality`` is
+    the bundle's (:class:`~xraybatch.models.registry.ModelPreprocess`).
     """
-    return equalise(_bone_bright(stored, ds, invert))
+    values = _bone_bright(stored, ds, invert)
+    return _ranked(as_training_jpeg(values, jpeg_quality)) if jpeg_quality else equalise(values)
+
+
+def as_training_jpeg(values: np.ndarray, quality: int) -> np.ndarray:
+    """Values at the model's size as a training picture held them: mapped onto 0-255 (lowest to highest),
+    stored as an 8-bit grayscale JPEG of ``quality`` (Pillow, as the training pictures were written) and read
+    back, as float64. ``quality`` 0 returns ``values`` as they are; so does a constant image (nothing to map).
+
+    The map onto 0-255 ignores a linear rescale and the polarity (the values are bone bright), so the lossless
+    encodings of one picture still give one input, up to the rare value that an encoding's float rounding
+    puts on the other side of a half grey level.
+    """
+    if not quality:
+        return values
+    low, high = float(values.min()), float(values.max())
+    if not high > low:
+        return values
+    import io
+
+    from PIL import Image
+
+    eight = np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(eight, mode="L").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as picture:
+        return np.asarray(picture.convert("L"), dtype=np.float64)
 
 
 def model_input(image: XrayImage, pre: ModelPreprocess, size: tuple[int, int]) -> ModelInput:
@@ -317,7 +345,8 @@ def model_inputs(image: XrayImage, plans: list[tuple[ModelPreprocess, tuple[int,
             else:
                 full[pre] = to_display(image, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)).pixels
         if pre.contrast == "equalise":
-            out[(pre, size)] = ModelInput(pixels=_ranked(resample(full[pre], size, np.float64)), source_shape=shape)
+            small = as_training_jpeg(resample(full[pre], size, np.float64), pre.jpeg_quality)
+            out[(pre, size)] = ModelInput(pixels=_ranked(small), source_shape=shape)
         else:
             out[(pre, size)] = _resampled(full[pre], size)
     return out
@@ -335,7 +364,8 @@ def model_input_8bit(pixels: np.ndarray, pre: ModelPreprocess, size: tuple[int, 
         raise ValueError(f"expected a 2-D grayscale or 3-D colour array, got shape {pixels.shape}")
     if pre.contrast == "equalise":
         shape = (pixels.shape[0], pixels.shape[1])
-        return ModelInput(pixels=_ranked(resample(np.asarray(pixels, np.float64), size, np.float64)), source_shape=shape)
+        small = as_training_jpeg(resample(np.asarray(pixels, np.float64), size, np.float64), pre.jpeg_quality)
+        return ModelInput(pixels=_ranked(small), source_shape=shape)
     return to_model_input(from_8bit(pixels, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)), size)
 
 

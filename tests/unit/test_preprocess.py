@@ -247,6 +247,53 @@ def test_bundle_preprocessing_is_parsed_and_format_1_means_display() -> None:
         ModelPreprocess("clahe")
 
 
+def test_jpeg_quality_stores_the_model_sized_input_as_a_training_picture() -> None:
+    """``jpeg_quality``: the input at the model's size becomes what a JPEG training picture of that size gives."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    small = np.clip(rng.normal(128, 60, (24, 20)), 0, 255).astype(np.uint8)
+    small[0, 0], small[-1, -1] = 0, 255  # the full 0-255 range: the map onto it changes nothing
+    picture = np.kron(small, np.ones((2, 2), np.uint8))  # 48x40: two by two blocks average back to ``small``
+    buffer = io.BytesIO()
+    Image.fromarray(small, mode="L").save(buffer, format="JPEG", quality=60)
+    training_picture = np.asarray(Image.open(buffer))
+    lossy = ModelPreprocess(jpeg_quality=60)
+    got = preprocess.model_input_8bit(picture, lossy, (24, 20)).pixels
+    np.testing.assert_allclose(got, preprocess.model_input_8bit(training_picture, ModelPreprocess(), (24, 20)).pixels,
+                               atol=1e-6)
+    assert not np.allclose(got, preprocess.model_input_8bit(picture, ModelPreprocess(), (24, 20)).pixels, atol=1e-3)
+
+
+def test_jpeg_quality_keeps_the_lossless_encodings_of_a_picture_one_input() -> None:
+    picture = np.random.default_rng(12).integers(0, 256, (64, 48)).astype(np.uint16)
+    lossy = ModelPreprocess(jpeg_quality=75)
+    mono2 = _image(make_dataset(picture, bits_stored=8), picture)
+    stored1 = (4095 - 16 * picture).astype(np.uint16)
+    mono1 = _image(make_dataset(stored1, bits_stored=12, photometric="MONOCHROME1", RescaleSlope=0.5,
+                                RescaleIntercept=-1024), stored1)
+    windowed = _image(make_dataset(picture, bits_stored=8, WindowCenter=100, WindowWidth=80), picture)
+    reference = preprocess.model_input(mono2, lossy, (32, 24)).pixels
+    for image in (mono1, windowed):
+        np.testing.assert_allclose(preprocess.model_input(image, lossy, (32, 24)).pixels, reference, atol=1e-6)
+    # the DICOM path and the training pictures' path agree
+    np.testing.assert_allclose(preprocess.model_input_8bit(picture.astype(np.uint8), lossy, (32, 24)).pixels,
+                               reference, atol=1e-6)
+
+
+def test_jpeg_quality_is_recorded_in_the_bundle_and_checked() -> None:
+    lossy = ModelPreprocess(jpeg_quality=75)
+    assert lossy.to_meta()["jpeg_quality"] == 75 and "jpeg_quality" not in ModelPreprocess().to_meta()
+    assert ModelPreprocess.from_meta(lossy.to_meta()) == lossy
+    assert "jpeg_quality = 75" in lossy.describe()
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        ModelPreprocess(jpeg_quality=101)
+    with pytest.raises(ValueError, match="equalise"):
+        ModelPreprocess("display", jpeg_quality=75)
+
+
 def test_a_site_setting_that_contradicts_a_bundle_stops_the_start_up(tmp_path: Path) -> None:
     from tests.conftest import make_tiny_bundle
     from xraybatch.errors import ModelError

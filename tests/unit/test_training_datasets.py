@@ -128,3 +128,28 @@ def test_cache_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     # Other preprocessing settings are another cache entry.
     with pytest.raises(AssertionError, match="decoded"):
         load_inputs(images, ModelPreprocess(contrast="display"), (32, 32), tmp_path / "cache")
+
+
+def test_the_jpeg_quality_of_the_training_pictures_is_read_off_their_tables(tmp_path: Path) -> None:
+    """Pictures that are all JPEG files of one quality at the model's size give that quality; anything else 0."""
+    write_kermany(tmp_path / "k", per_class=4, size=48)
+    kermany = scan(tmp_path / "k", "kermany", "train")
+    for sample in kermany.samples:  # store every picture again at quality 60
+        Image.open(sample.path).convert("L").save(sample.path, format="JPEG", quality=60)
+    assert datasets.jpeg_quality_of(kermany, (48, 48)) == 60
+    assert datasets.jpeg_quality_of(kermany, (32, 32)) == 0  # another size: resampling blurs the artefacts away
+    Image.open(kermany.samples[1].path).save(kermany.samples[1].path, format="JPEG", quality=90)
+    assert datasets.jpeg_quality_of(kermany, (48, 48)) == 0  # two qualities
+    write_nih(tmp_path / "n", patients=4)
+    assert datasets.jpeg_quality_of(scan(tmp_path / "n", "nih", "train"), (32, 32)) == 0  # PNG: lossless
+    write_dicom_folder(tmp_path / "d", per_class=2)
+    assert datasets.jpeg_quality_of(scan(tmp_path / "d"), (48, 48)) == 0
+
+
+def test_the_shipped_binary_bundle_has_the_jpeg_quality_of_its_training_pictures() -> None:
+    from tests.conftest import shared_file
+    from xraybatch.models.registry import read_bundle
+
+    root = shared_file("kermany")  # skips with its reason where the shared data is absent
+    spec = read_bundle(Path(__file__).resolve().parents[2] / "xraybatch" / "bundles" / "pneumonia-binary")
+    assert datasets.jpeg_quality_of(scan(root, "kermany", "train"), spec.input.size) == spec.preprocess.jpeg_quality == 75

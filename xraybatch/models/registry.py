@@ -71,15 +71,24 @@ class ModelPreprocess:
     that does not clip), so every encoding reaches the network as the same input.
     ``display``: the display image (the file's VOI, or a percentile window where it has none), as bundles of
     format 1 were trained; ``percentile_window`` and ``prefer_voi_lut`` belong to it only.
+    ``jpeg_quality`` (``equalise`` only; 0: off): the training pictures were JPEG files of this quality at the
+    model's size, so every input, at the model's size, is stored the same way before it is equalised
+    (:func:`xraybatch.preprocess.as_training_jpeg`): a network that learnt on compressed pictures then sees
+    their artefacts in a lossless full-resolution radiograph too.
     """
 
     contrast: str = "equalise"
     percentile_window: tuple[float, float] = (0.5, 99.5)
     prefer_voi_lut: bool = True
+    jpeg_quality: int = 0
 
     def __post_init__(self) -> None:
         if self.contrast not in CONTRAST_METHODS:
             raise ValueError(f"preprocessing contrast must be one of {CONTRAST_METHODS}, got {self.contrast!r}")
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ValueError(f"preprocessing jpeg_quality must be 0 (off) to 100, got {self.jpeg_quality}")
+        if self.jpeg_quality and self.contrast != "equalise":
+            raise ValueError("preprocessing jpeg_quality needs contrast 'equalise'")
         low, high = self.percentile_window
         if not 0.0 <= low < high <= 100.0:
             raise ValueError(f"preprocessing percentile_window must be 0 <= low < high <= 100, got {low, high}")
@@ -91,18 +100,20 @@ class ModelPreprocess:
             contrast=str(values.get("contrast", "display")),
             percentile_window=tuple(float(v) for v in values.get("percentile_window", (0.5, 99.5))),  # type: ignore[arg-type]
             prefer_voi_lut=bool(values.get("prefer_voi_lut", True)),
+            jpeg_quality=int(values.get("jpeg_quality", 0)),
         )
 
     def to_meta(self) -> dict[str, Any]:
         """The ``preprocessing`` block of ``model.json``: every parameter, and the functions that apply them."""
         if self.contrast == "equalise":
-            return {"contrast": "equalise", "function": "xraybatch.preprocess.model_input"}
+            lossy = {"jpeg_quality": self.jpeg_quality} if self.jpeg_quality else {}
+            return {"contrast": "equalise", **lossy, "function": "xraybatch.preprocess.model_input"}
         return {"contrast": "display", "percentile_window": list(self.percentile_window),
                 "prefer_voi_lut": self.prefer_voi_lut, "function": "xraybatch.preprocess.model_input"}
 
     def describe(self) -> str:
         if self.contrast == "equalise":
-            return "contrast = 'equalise'"
+            return "contrast = 'equalise'" + (f", jpeg_quality = {self.jpeg_quality}" if self.jpeg_quality else "")
         return (f"contrast = 'display', percentile_window = {list(self.percentile_window)}, "
                 f"prefer_voi_lut = {str(self.prefer_voi_lut).lower()}")
 
