@@ -334,21 +334,27 @@ def model_input(image: XrayImage, pre: ModelPreprocess, size: tuple[int, int]) -
 
 def model_inputs(image: XrayImage, plans: list[tuple[ModelPreprocess, tuple[int, int]]]) -> dict[
         tuple[ModelPreprocess, tuple[int, int]], ModelInput]:
-    """One model input per distinct (preprocessing, size) of the loaded bundles; each source image is made once."""
-    full: dict[ModelPreprocess, np.ndarray] = {}
+    """One model input per distinct (preprocessing, size) of the loaded bundles; each source image is made once.
+
+    Bundles that differ only in ``jpeg_quality`` share the full-size image and its resampling to each size."""
+    full: dict[object, np.ndarray] = {}
+    resampled: dict[tuple[object, tuple[int, int]], np.ndarray] = {}
     out: dict[tuple[ModelPreprocess, tuple[int, int]], ModelInput] = {}
     shape = (image.pixels.shape[0], image.pixels.shape[1])
     for pre, size in plans:
-        if pre not in full:
+        source = "equalise" if pre.contrast == "equalise" else pre  # what the full-size image depends on
+        if source not in full:
             if pre.contrast == "equalise":
-                full[pre] = bone_bright_values(image)
+                full[source] = bone_bright_values(image)
             else:
-                full[pre] = to_display(image, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)).pixels
+                full[source] = to_display(image, PreprocessConfig(pre.percentile_window, pre.prefer_voi_lut)).pixels
         if pre.contrast == "equalise":
-            small = as_training_jpeg(resample(full[pre], size, np.float64), pre.jpeg_quality)
+            if (source, size) not in resampled:
+                resampled[(source, size)] = resample(full[source], size, np.float64)
+            small = as_training_jpeg(resampled[(source, size)], pre.jpeg_quality)
             out[(pre, size)] = ModelInput(pixels=_ranked(small), source_shape=shape)
         else:
-            out[(pre, size)] = _resampled(full[pre], size)
+            out[(pre, size)] = _resampled(full[source], size)
     return out
 
 

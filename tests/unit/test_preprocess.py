@@ -230,7 +230,8 @@ def test_model_input_ignores_the_window_but_display_keeps_it() -> None:
 def test_model_inputs_make_one_per_preprocessing_and_size() -> None:
     picture = (np.random.default_rng(6).integers(0, 4096, (64, 64))).astype(np.uint16)
     image = _image(make_dataset(picture, bits_stored=12, WindowCenter=1000, WindowWidth=800), picture)
-    plans = [(ModelPreprocess(), (32, 32)), (ModelPreprocess("display"), (32, 32)), (ModelPreprocess(), (16, 16))]
+    plans = [(ModelPreprocess(), (32, 32)), (ModelPreprocess("display"), (32, 32)), (ModelPreprocess(), (16, 16)),
+             (ModelPreprocess(jpeg_quality=75), (32, 32))]
     inputs = preprocess.model_inputs(image, plans)
     assert set(inputs) == set(plans)
     for pre, size in plans:
