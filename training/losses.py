@@ -71,7 +71,11 @@ class WeightedFocalLoss(nn.Module):
         log_pt = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # log(p_t), stable
         loss = -log_pt
         if self.gamma:
-            loss = loss * (1.0 - log_pt.exp()).pow(self.gamma)
+            # (1 - p_t) ** gamma as exp(gamma * log(1 - p_t)), log(1 - p_t) = logsigmoid(-z_t) with z_t the logit
+            # of p_t: finite with a finite gradient everywhere. The plain power has an infinite derivative at
+            # p_t = 1 for gamma < 1, which a confidently right prediction reaches in float32: NaN weights.
+            z_t = logits * (2.0 * targets - 1.0)
+            loss = loss * torch.exp(self.gamma * F.logsigmoid(-z_t))
         if self.alpha is not None:
             loss = loss * (targets * self.alpha + (1.0 - targets) * (1.0 - self.alpha))
         if self.weights.numel():

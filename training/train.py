@@ -304,6 +304,10 @@ class FitResult:
     device: torch.device
 
 
+class TrainingDiverged(ValueError):
+    """The training loss or the validation logits stopped being finite numbers."""
+
+
 def model_preprocess(cfg: TrainConfig) -> ModelPreprocess:
     """The bundle's binding preprocessing (recorded in model.json; inference makes its inputs the same way)."""
     return ModelPreprocess(contrast=cfg.contrast, jpeg_quality=cfg.input_jpeg_quality)
@@ -433,6 +437,10 @@ def fit(
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 logits = net(x)
             loss = loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {loss.item()} at epoch {epoch}, step {step + 1} (lr "
+                    f"{optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or change the loss settings")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -442,6 +450,9 @@ def fit(
             correct += int(((logits.detach() > 0) == (y > 0.5)).all(dim=1).sum())
             reporter.step({"loss": total / seen, "acc": correct / seen})
         val_logits = predict_logits(net, inputs, val_idx, spec, device, workers=workers)
+        if not np.isfinite(val_logits).all():
+            raise TrainingDiverged(f"training diverged: the validation logits are not finite after epoch {epoch} "
+                                   f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate")
         val_loss, val_auroc = _val_scores(val_logits, labels[val_idx], findings)
         scheduler.step(val_loss)
         row = {"epoch": epoch, "train_loss": total / max(seen, 1), "train_acc": correct / max(seen, 1),

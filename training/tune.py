@@ -35,7 +35,15 @@ import numpy as np
 from training.datasets import ImageSet
 from training.evaluate import multilabel_metrics, sigmoid, specificity_threshold, youden_threshold
 from training.splits import Split
-from training.train import TrainConfig, finding_columns, fit, input_spec, predict_logits, prepare_data
+from training.train import (
+    TrainConfig,
+    TrainingDiverged,
+    finding_columns,
+    fit,
+    input_spec,
+    predict_logits,
+    prepare_data,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +155,12 @@ def run_study(base: TrainConfig, storage: Path, study_name: str, trials: int, ti
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        result = fit(cfg, images, split, inputs, ckpt_dir=None, on_epoch=report)
+        try:
+            result = fit(cfg, images, split, inputs, ckpt_dir=None, on_epoch=report)
+        except TrainingDiverged as err:  # a bad corner of the search space, not the end of the study
+            trial.set_user_attr("diverged", str(err))
+            logger.warning("trial %d: %s; pruned", trial.number, err)
+            raise optuna.TrialPruned() from err
         logits = predict_logits(result.net, inputs, val_idx, spec, result.device)
         if multilabel:
             scores = multilabel_objective_scores(labels, sigmoid(logits), part_a, part_b, cfg.specificity,

@@ -80,3 +80,15 @@ def test_sampling_modes() -> None:
     assert sorted(plain) == list(range(40))
     with pytest.raises(ValueError, match="sampling"):
         epoch_indices(labels, "smote", rng)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 1.0, 2.0])
+def test_focal_gradient_is_finite_for_sure_predictions(gamma: float) -> None:
+    """A confidently right prediction has p_t = 1 in float32; (1 - p_t) ** gamma must not give NaN gradients."""
+    logits = torch.tensor([[40.0], [-40.0], [0.3]], requires_grad=True)
+    targets = torch.tensor([[1.0], [0.0], [1.0]])
+    loss = WeightedFocalLoss(gamma=gamma, alpha=0.4)(logits, targets)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and torch.isfinite(loss)
+    p = _sig(0.3)  # the two sure ones contribute (almost) nothing
+    assert loss.item() == pytest.approx(-0.4 * (1 - p) ** gamma * math.log(p) / 3, rel=1e-5)

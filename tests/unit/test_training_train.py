@@ -202,3 +202,15 @@ def test_model_card_can_be_rebuilt_from_model_json(data: Path, config: Path, tmp
     before = (out / "model_card.md").read_text()
     (out / "model_card.md").unlink()
     assert refresh_model_card(out).read_text() == before
+
+
+def test_a_diverging_run_stops_with_a_reason(data: Path, config: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import losses
+
+    monkeypatch.setattr(losses.WeightedFocalLoss, "forward", lambda self, logits, targets: logits.sum() * float("nan"))
+    result = CliRunner().invoke(train_group, [
+        "binary", "--data", str(data), "--out", str(tmp_path / "b"), "--config", str(config),
+        "--cache-dir", str(tmp_path / "cache"), "--epochs", "1"])
+    assert result.exit_code == 1 and "training diverged: the loss is nan at epoch 1, step 1" in result.output
+    assert not (tmp_path / "b" / "model.json").exists()

@@ -62,3 +62,30 @@ def test_objective_scores_threshold_on_one_half_only() -> None:
     assert scores["threshold"] == pytest.approx(0.5)
     assert scores["pneumonia_recall"] == 1.0 and scores["normal_recall"] == 0.5
     assert scores["balanced_accuracy"] == 0.75
+
+
+def test_a_diverging_trial_is_pruned_and_the_study_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    from training import tune
+    from training.train import TrainConfig, TrainingDiverged
+
+    data = write_kermany(tmp_path / "data", per_class=16, size=32)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    import tomllib
+
+    base = TrainConfig.from_dict({**tomllib.loads(TINY), "data": str(data), "cache_dir": str(tmp_path / "cache")})
+    real_fit, calls = tune.fit, []
+
+    def fit_that_diverges_once(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise TrainingDiverged("training diverged: the loss is nan at epoch 1, step 3 (lr 0.01)")
+        return real_fit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tune, "fit", fit_that_diverges_once)
+    study = tune.run_study(base, tmp_path / "study.sqlite", "d", trials=2)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    assert "loss is nan" in study.trials[0].user_attrs["diverged"]
