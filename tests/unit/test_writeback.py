@@ -452,6 +452,35 @@ def test_sr_is_the_document_highdicom_builds_from_the_whole_tree(
     assert not hasattr(fast, "content")  # a plain dataset: no parsed copy of the tree to go stale
 
 
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192"])
+def test_sr_encoded_the_same_with_its_content_marked_as_encoded(
+    source: pydicom.Dataset, predictions: tuple[Prediction, ...], charset: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """build_sr marks its content items as already in the SR's encoding, so that pydicom's writer does not run
+    its ambiguous-VR correction again at every level of the tree: the file written is the same, byte for byte,
+    whatever the source's character set (non-ASCII names included)."""
+    import io
+
+    from xraybatch.writeback import sr as sr_module
+
+    if charset:
+        source.SpecificCharacterSet = charset
+        source.PatientName = "Müller^Jürgen" if charset == "ISO_IR 100" else "Ωμέγα^Δέλτα"
+        source.InstitutionName = "Klinikum Süd"
+    marked = build_sr(source, predictions, OutputConfig())
+    monkeypatch.setattr(sr_module, "_as_encoded", lambda items: None)
+    unmarked = build_sr(source, predictions, OutputConfig())
+    encoded = []
+    for ds in (marked, unmarked):
+        ds.walk(lambda _, element: setattr(element, "value", "") if element.VR in ("DA", "TM", "DT") else None)
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        encoded.append(out.getvalue())
+    assert encoded[0] == encoded[1]
+    assert pydicom.dcmread(io.BytesIO(encoded[0])).PatientName == source.PatientName
+
+
 def _qualitative_container(sr: pydicom.Dataset) -> pydicom.Dataset:
     (container,) = [
         item
