@@ -54,6 +54,9 @@ from xraybatch.watch import FolderWatcher
 logger = logging.getLogger(__name__)
 
 PARENT_PID_VARIABLE = "XB_SUPERVISOR_PID"  # set for the workers of ``--workers N``: they die with it
+RESTART_DELAY = 5.0  # seconds between a worker's unplanned exit and its replacement
+RESTART_WINDOW = 600.0  # the supervisor gives up when the workers exit more than ...
+RESTART_LIMIT_PER_WORKER = 3  # ... this many times per worker within RESTART_WINDOW seconds
 
 
 class Daemon(QueueWorker):
@@ -251,9 +254,17 @@ def run_workers(argv: Sequence[str], workers: int, settings: Settings) -> int:
     it ends (:mod:`xraybatch.lifetime`). With metrics on, worker ``i`` serves them on ``metrics_port + i``. The
     workers share the host's cores (:func:`xraybatch.settings.for_worker`): each gets its share of torch
     threads and decodes in its own process.
+
+    A worker that exits before a stop signal (killed for memory, a crash) is replaced after
+    :data:`RESTART_DELAY` seconds; the new one takes back the dead one's claimed rows at once. When the workers
+    exit more than :data:`RESTART_LIMIT_PER_WORKER` times per worker within :data:`RESTART_WINDOW` seconds
+    (a setting or a bundle that no worker can start with, say), the others are stopped and the supervisor
+    exits 1, for the service manager to report. SIGTERM/SIGINT go to every worker; the supervisor exits
+    with the highest of their exit codes.
     """
     import subprocess
     import sys
+    from collections import deque
 
     from xraybatch.db import session
     from xraybatch.lifetime import kill_group
@@ -262,25 +273,62 @@ def run_workers(argv: Sequence[str], workers: int, settings: Settings) -> int:
         if settings.db_url.startswith("sqlite"):
             settings.workdir.mkdir(parents=True, exist_ok=True)
         session.upgrade(settings.db_url)
-    children = [
-        subprocess.Popen([sys.executable, "-m", "xraybatch", *argv], process_group=0,
-                         env=worker_environ(os.environ, settings.watch.metrics_port, i, for_worker(settings, workers)))
-        for i in range(workers)
-    ]
+    each = for_worker(settings, workers)
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "xraybatch", *argv], process_group=0,
+                                env=worker_environ(os.environ, settings.watch.metrics_port, i, each))
+
+    children = [start(i) for i in range(workers)]
+    stopping: list[int] = []  # the signal that stops the workers, once one came
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        stopping.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    exits: deque[float] = deque()  # when workers exited unplanned, within the window
+    due: dict[int, float] = {}  # worker index -> when its replacement starts
+    gave_up = False
     try:
-        codes = [child.wait() for child in children]
+        while not (stopping or gave_up) or any(child.poll() is None for child in children):
+            now = time.monotonic()
+            for i, child in enumerate(children):
+                if stopping or gave_up or child.poll() is None:
+                    continue
+                if i not in due:
+                    kill_group(child.pid)  # its leftovers (decode processes) go with it
+                    exits.append(now)
+                    while exits and exits[0] < now - RESTART_WINDOW:
+                        exits.popleft()
+                    if len(exits) > RESTART_LIMIT_PER_WORKER * workers:
+                        logger.error(
+                            "watch workers exited %d times in %.0f s (the last with code %s): giving up; the "
+                            "workers' own log lines above say why", len(exits), RESTART_WINDOW, child.returncode,
+                            extra={"stage": "supervisor"})
+                        gave_up = True
+                        forward(signal.SIGTERM, None)
+                        break
+                    logger.warning("watch worker %d (pid %d) exited with code %s: a new one starts in %.0f s",
+                                   i, child.pid, child.returncode, RESTART_DELAY, extra={"stage": "supervisor"})
+                    due[i] = now + RESTART_DELAY
+                elif now >= due[i]:
+                    del due[i]
+                    children[i] = start(i)
+                    if stopping:  # the signal came while it started: it missed the forwarding
+                        children[i].send_signal(stopping[0])
+                    logger.info("watch worker %d restarted as pid %d", i, children[i].pid,
+                                extra={"stage": "supervisor"})
+            time.sleep(0.2)
     finally:
         for child in children:
             kill_group(child.pid)  # a worker's leftovers (decode processes) go with it
-    return max(codes)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [child.returncode for child in children]
+    return 1 if gave_up else max(c if c is not None else 1 for c in codes)
 
 
 def worker_environ(

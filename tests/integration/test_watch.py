@@ -116,9 +116,10 @@ class Site:
 
     # -- daemons
 
-    def start(self, name: str = "w1", db_url: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+    def start(self, name: str = "w1", db_url: str | None = None, env: dict[str, str] | None = None,
+              extra: tuple[str, ...] = ()) -> Daemon:
         argv = [sys.executable, "-m", "xraybatch", "-v", "--log-format", "json", "watch", str(self.incoming),
-                "--workdir", str(self.workdir), "--db", db_url or self.db_url, "--config", str(self.config)]
+                "--workdir", str(self.workdir), "--db", db_url or self.db_url, "--config", str(self.config), *extra]
         for bundle in self.bundles:
             argv += ["--bundle", str(bundle)]
         environ = {k: v for k, v in os.environ.items() if not k.startswith("XRAYBATCH_")} | (env or {})
@@ -971,6 +972,47 @@ def test_the_database_unavailable_for_a_while(tmp_path: Path, binary_bundle: Pat
         finally:
             site.close()
             proxy.stop()
+
+
+def _children(pid: int) -> set[int]:
+    """The pids of ``pid``'s child processes (Linux /proc)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(p) for p in text.split()}
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_the_supervisor_is_replaced_and_nothing_is_processed_twice(
+    tmp_path: Path, binary_bundle: Path
+) -> None:
+    """``watch --workers 2``: a worker SIGKILLed mid-burst (as the kernel's OOM killer would) is replaced after
+    the restart delay; its claimed files are taken back and every file ends exactly once; SIGTERM then stops
+    the supervisor and its workers with exit 0."""
+    site = Site(tmp_path, f"sqlite:///{tmp_path / 'results.sqlite'}", [binary_bundle], dict(FAST))
+    try:
+        supervisor = site.start("sup", extra=("--workers", "2"))
+        wait_for(lambda: (len(_children(supervisor.proc.pid)) == 2 and supervisor.text().count("watching ") >= 2)
+                 or not supervisor.alive(), 90, supervisor.text)
+        assert supervisor.alive(), supervisor.text()
+        first = _children(supervisor.proc.pid)
+        uids = site.drop_many(24, "burst")
+        wait_for(lambda: any(r.state == "processing" for r in site.rows()), 60, supervisor.text)
+        holders = {int(str(r.worker_id).split(":")[1]) for r in site.rows() if r.state == "processing"}
+        victim = min(holders & first)  # a worker that holds claimed files
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(_children(supervisor.proc.pid)) == 2 and victim not in _children(supervisor.proc.pid),
+                 60, supervisor.text)
+        replacement = _children(supervisor.proc.pid) - first
+        assert len(replacement) == 1
+        site.wait_finished(120)
+        rows = assert_exactly_once(site)
+        assert {r.sop_instance_uid for r in rows} == set(uids)
+        assert all(r.state == "done" for r in rows)
+        warned = [r for r in supervisor.records() if r.get("stage") == "supervisor"]
+        assert any(f"(pid {victim}) exited with code -9" in str(r.get("message")) for r in warned), warned
+        supervisor.proc.send_signal(signal.SIGTERM)
+        assert supervisor.proc.wait(30) == 0, supervisor.text()
+    finally:
+        site.close()
 
 
 @pytest.mark.slow

@@ -307,3 +307,27 @@ def test_next_wait_is_the_time_left_until_the_first_file_settles(
         assert w.next_wait() == 0.05  # due: a short floor, never a busy loop
         assert w.ready() == [folder / "a.dcm"]
         assert w.next_wait() == 2.5
+
+
+def test_the_supervisor_gives_up_on_workers_that_keep_exiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``watch --workers N``: workers that exit at once every time (here ``xraybatch --version``, as a setting no
+    worker can start with would) are replaced after the restart delay until they have exited more than
+    RESTART_LIMIT_PER_WORKER times each within the window; then the supervisor stops and exits 1, rather than
+    restarting them forever. Its signal handlers are the caller's again afterwards."""
+    import signal
+
+    from xraybatch import daemon
+    from xraybatch.settings import load_settings
+
+    monkeypatch.setattr(daemon, "RESTART_DELAY", 0.05)
+    settings = load_settings(None, {"workdir": tmp_path, "db": {"auto_upgrade": False}}, environ={})
+    before = signal.getsignal(signal.SIGTERM)
+    with caplog.at_level("WARNING", logger="xraybatch.daemon"):
+        code = daemon.run_workers(["--version"], 2, settings)
+    assert code == 1
+    restarts = [r for r in caplog.records if "a new one starts" in r.getMessage()]
+    assert len(restarts) == daemon.RESTART_LIMIT_PER_WORKER * 2  # each exit but the last one is replaced
+    assert "giving up" in caplog.records[-1].getMessage()
+    assert signal.getsignal(signal.SIGTERM) is before
