@@ -65,16 +65,15 @@ def test_objective_scores_threshold_on_one_half_only() -> None:
 
 
 def test_a_diverging_trial_is_pruned_and_the_study_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial whose training diverges is recorded as pruned, with the reason, and the next trial runs."""
+    import tomllib
+
     import optuna
 
     from training import tune
     from training.train import TrainConfig, TrainingDiverged
 
     data = write_kermany(tmp_path / "data", per_class=16, size=32)
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
-    import tomllib
-
     base = TrainConfig.from_dict({**tomllib.loads(TINY), "data": str(data), "cache_dir": str(tmp_path / "cache")})
     real_fit, calls = tune.fit, []
 
