@@ -55,7 +55,8 @@ def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--cache-dir", help="Cache of preprocessed inputs (and checkpoints)."),
         click.option("--loader", type=click.Choice(["auto", "memory", "stream"]),
                      help="memory = cached input array; stream = decode per batch in workers; auto = by size."),
-        click.option("--workers", type=int, help="DataLoader worker processes when streaming."),
+        click.option("--workers", type=int,
+                     help="Processes that make the training batches (decoding when streaming, re-encoding)."),
         click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA (on by default)."),
     ]
     for option in reversed(options):
@@ -187,11 +188,13 @@ def binary(ctx: click.Context, data: Path, out: Path, config_file: Path | None, 
            **flags: Any) -> None:
     """Train the binary Normal/Pneumonia model and write a bundle.
 
-    The defaults (training/configs/binary.toml) reproduce the shipped bundle's recipe: EfficientNet-Lite0 from
-    ImageNet, 224 px, a patient-wise 15% validation split, focal loss on class-balanced epochs, the JPEG quality
-    of the training pictures read off them, and the threshold rule "best Youden J among thresholds with
-    validation Pneumonia recall >= 0.95". The bundle holds model.json, weights.safetensors, the split
-    manifest, a model card and ROC/calibration/confusion plots.
+    Settings start from training/configs/binary.toml (--config and flags override it), the recipe of the shipped
+    xraybatch/bundles/pneumonia-binary: EfficientNet-Lite0 from ImageNet with the stem and first stage frozen,
+    224 px, a patient-wise 15% validation split, weighted focal loss with balanced class weights, the JPEG
+    quality of the training pictures read off them, and the threshold rule "best Youden J among thresholds
+    that keep the validation Pneumonia recall", with the optimisation settings of the Optuna study
+    (docs/training.md). The bundle holds model.json, weights.safetensors, the split manifest, a model card and
+    ROC/calibration/confusion plots.
 
     \b
     Example:
@@ -199,7 +202,7 @@ def binary(ctx: click.Context, data: Path, out: Path, config_file: Path | None, 
         xraybatch train binary --data ../shared/data/kermany --out my-bundle --resume
         xraybatch train binary --data /pacs/export --layout dicom --out site-bundle --epochs 5
     """
-    _run(ctx, data, out, config_file, resume, model_version, flags)
+    _run(ctx, data, out, config_file, resume, model_version, flags, base_file=CONFIGS / "binary.toml")
 
 
 @train.command("multilabel")

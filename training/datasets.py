@@ -429,19 +429,45 @@ class StreamedInputs:
 
 
 def iter_batches(inputs: np.ndarray | StreamedInputs, batches: Sequence[Sequence[int] | np.ndarray],
-                 workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(indices, pixels)`` per batch, in order: slices of the in-memory array, or decoded by ``workers``
-    DataLoader processes (streamed inputs; 0 = in this process)."""
-    if isinstance(inputs, np.ndarray) or workers <= 0:
-        for idx in batches:
-            idx = np.asarray(idx)
-            yield idx, np.asarray(inputs[idx])
-        return
-    from torch.utils.data import DataLoader, Dataset
+                 workers: int = 0, pin_memory: bool = False,
+                 transform: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(indices, pixels)`` per batch, in order.
 
-    dataset: Dataset[np.ndarray] = inputs  # type: ignore[assignment]  # a map-style dataset by protocol
+    ``pixels`` are slices of the in-memory array or decoded streamed inputs, passed through
+    ``transform(step, pixels)`` when one is given (training's re-encoding). With ``workers`` > 0, ``workers``
+    DataLoader processes make the batches (decode and transform) ahead of the loop; the result is the same as
+    in this process, as long as ``transform`` draws its randomness from ``step`` alone. Without a transform an
+    in-memory array is sliced here (nothing to do in parallel)."""
+    if workers <= 0 or (isinstance(inputs, np.ndarray) and transform is None):
+        for step, idx in enumerate(batches):
+            idx = np.asarray(idx)
+            pixels = np.asarray(inputs[idx])
+            yield idx, transform(step, pixels) if transform is not None else pixels
+        return
+    from torch.utils.data import DataLoader
+
     loader: DataLoader[np.ndarray] = DataLoader(
-        dataset, batch_sampler=[list(map(int, b)) for b in batches], num_workers=workers, pin_memory=pin_memory,
-        collate_fn=np.stack, persistent_workers=False, prefetch_factor=4)
+        _Batches(inputs, batches, transform),  # type: ignore[arg-type]  # a map-style dataset by protocol
+        batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=False, prefetch_factor=4)
     for idx, pixels in zip(batches, loader, strict=True):
-        yield np.asarray(idx), pixels
+        yield np.asarray(idx), np.asarray(pixels)
+
+
+class _Batches:
+    """Map-style dataset of whole batches (item ``step`` = the pixels of ``batches[step]``), for
+    :func:`iter_batches`' worker processes."""
+
+    def __init__(self, inputs: np.ndarray | StreamedInputs, batches: Sequence[Sequence[int] | np.ndarray],
+                 transform: Callable[[int, np.ndarray], np.ndarray] | None) -> None:
+        self.inputs = inputs
+        self.batches = [np.asarray(b, dtype=np.int64) for b in batches]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        pixels = np.asarray(self.inputs[self.batches[step]])
+        return self.transform(step, pixels) if self.transform is not None else pixels

@@ -162,7 +162,7 @@ def encode(picture: np.ndarray, enc: Encoding, *, study_instance_uid: str | None
         from PIL import Image
 
         buffer = io.BytesIO()
-        Image.fromarray(stored, mode="L").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        Image.fromarray(stored).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         frame = buffer.getvalue()
         ds.PixelData = encapsulate([frame])
         ds["PixelData"].VR = "OB"

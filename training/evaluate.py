@@ -419,6 +419,15 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _ran_on(prov: Mapping[str, Any]) -> str:
+    """Where the epochs ran, and where the bundle was exported when that differs (older bundles: device + threads)."""
+    if "exported_on" not in prov:
+        return f"{prov['device']} ({prov['threads']} threads)"
+    if prov["exported_on"] == prov["device"]:
+        return prov["device"]
+    return f"{prov['device']} (exported on {prov['exported_on']})"
+
+
 def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots: Mapping[str, list[str]]) -> str:
     """The Markdown model card written into the bundle (binary or multi-label, from ``meta["task"]``)."""
     prov = meta["provenance"]
@@ -465,16 +474,16 @@ def model_card(meta: dict[str, Any], history: Sequence[Mapping[str, Any]], plots
         *_revision_lines(prov),
         "## How it was trained",
         f"- Command: `{prov['command']}`",
-        *([("- Reproduce from a clean checkout: `make install`, then run the command above from the repository root "
-            "with the NIH data at `../shared/data/nih_cxr14`; the recipe is `training/configs/multilabel.toml`, "
-            "which `train multilabel` starts from. Randomness comes from the seed and the epoch only (same machine, "
-            "same numbers); the input cache is rebuilt when missing.")] if multilabel else []),
+        (f"- Reproduce from a clean checkout: `make install`, then `xraybatch train {cfg['task']} --data "
+         f"../shared/data/{'nih_cxr14' if multilabel else 'kermany'} --out BUNDLE` from the repository root; the "
+         f"recipe is `training/configs/{cfg['task']}.toml`, which `train {cfg['task']}` starts from. Randomness "
+         "comes from the seed and the epoch only (same machine, same numbers; CUDA and the CPU differ in the last "
+         "bits, so not bit for bit across them); the input cache is rebuilt when missing."),
         (f"- Git revision: `{prov['git_revision']}`; seed {cfg['seed']}; {prov['epochs_run']} epochs run "
-        f"(best epoch {prov['best_epoch']}), {prov['seconds_per_epoch']:.0f} s per epoch on {prov['device']} "
-        f"({prov['threads']} threads), "
+        f"(best epoch {prov['best_epoch']}), {prov['seconds_per_epoch']:.0f} s per epoch on {_ran_on(prov)}, "
         + (f"{prov['training_minutes']:.1f} min of training epochs" if "training_minutes" in prov else
            f"{prov['total_minutes']:.1f} min in total")
-        + (" (interrupted and resumed: the command above is the resumption that exported the bundle)"
+        + (" (resumed from its checkpoint: the command above is the resumption that exported the bundle)"
            if "--resume" in prov.get("command", "") else "") + "."),
         (f"- Loss `{cfg['loss']}` (focal gamma {cfg['focal_gamma']}, alpha {cfg['focal_alpha']}), class weighting "
         f"`{cfg['class_weighting']}` (max weight {cfg['max_class_weight']}), sampling `{cfg['sampling']}`"
@@ -682,4 +691,8 @@ def refresh_model_card(bundle: Path) -> Path:
             plots[key] = [f"{layout}_{name}_roc.png", f"{layout}_{name}_calibration.png"]
     path = bundle / "model_card.md"
     path.write_text(model_card(meta, meta["provenance"]["history"], plots), encoding="utf-8")
+    if "gate" in meta:  # the input gate's section, which `train gate` wrote, is rendered from its block too
+        from training.gate import write_card_section
+
+        write_card_section(bundle, meta["gate"])
     return path

@@ -585,14 +585,14 @@ def write_gate(bundle: Path, fitted: FittedGate, thresholds: Sequence[float] | n
     meta = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
     meta["gate"] = block
     write_model_json(bundle, meta)
-    _write_card_section(bundle, block)
+    write_card_section(bundle, block)
     return block
 
 
 CARD_HEADING = "## Input gate"
 
 
-def _write_card_section(bundle: Path, block: dict[str, Any]) -> None:
+def write_card_section(bundle: Path, block: dict[str, Any]) -> None:
     """Replace (or add) the model card's input-gate section."""
     card = bundle / "model_card.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else ""

@@ -15,6 +15,7 @@ from ``seed`` and the epoch number only, so a resumed run continues exactly as a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -60,7 +61,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on. Defaults: the shipped binary Normal/Pneumonia bundle."""
+    """Everything a training run depends on. Defaults: a binary Normal/Pneumonia model (the recipe of bundle 2.x);
+    the shipped recipes are training/configs/binary.toml and multilabel.toml, where ``train binary`` and
+    ``train multilabel`` start."""
 
     # data
     data: str = ""  # data root (Kermany: the folder holding train/; NIH; DICOM folder with labels.csv)
@@ -107,7 +110,7 @@ class TrainConfig:
     threads: int = 2  # torch intra-op threads on CPU; 0 = torch's default
     loader: str = "auto"  # memory (cached array) | stream (decode per batch in workers) | auto (by size)
     stream_above: int = 20000  # auto: stream when the training data has more images than this
-    workers: int = 4  # DataLoader worker processes when streaming
+    workers: int = 4  # processes that make the training batches (decode when streaming, re-encode); <= CPU count
     amp: bool = True  # mixed precision (float16 autocast + GradScaler) on CUDA; ignored on CPU
     cache_dir: str = "data-cache"  # preprocessed model inputs are cached here (git-ignored)
     checkpoint_dir: str = ""  # last.pt / best.pt; empty = CACHE_DIR/checkpoints/<bundle folder name>
@@ -165,8 +168,8 @@ class TrainConfig:
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"epochs", "device", "threads", "checkpoint_dir", "cache_dir", "early_stop_patience", "loader",
                      "stream_above", "workers",
-                     # chosen after training, from the best epoch's validation logits: the weights do not depend on them
-                     "min_recall", "specificity", "calibrate"}
+                     # chosen or scored after training, from the best epoch's weights: the weights do not depend on them
+                     "min_recall", "specificity", "calibrate", "extra_eval"}
 
 
 class Reporter(Protocol):
@@ -221,6 +224,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+        # float32 convolutions and products in full precision on CUDA, not TF32: the validation probabilities that
+        # set the temperature and the threshold then match the bundle's Predictor on the CPU (within 1e-4)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def pick_device(name: str) -> torch.device:
@@ -229,6 +236,13 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """What ran an epoch, for the model card: ``cuda (NVIDIA H200)`` or ``cpu (2 cores, 2 threads)``."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def git_revision() -> str:
@@ -263,6 +277,13 @@ def set_train_mode(net: XrayNet, freeze: int) -> None:
     net.train()
     for module in list(net.features.children())[:freeze]:
         module.eval()
+
+
+def _reencoded(step: int, pixels: np.ndarray, cfg: ReencodeConfig, seed: int, epoch: int,
+               jpeg_quality: int) -> np.ndarray:
+    """Training batch ``step`` of ``epoch``, re-encoded with randomness drawn from (seed, epoch, step) alone, so
+    a batch is the same whichever DataLoader worker makes it."""
+    return reencode_batch(pixels, cfg, np.random.default_rng([seed, epoch, step]), jpeg_quality)
 
 
 def predict_logits(net: XrayNet, inputs: np.ndarray | StreamedInputs, indices: Sequence[int] | np.ndarray,
@@ -380,7 +401,8 @@ def fit(
     findings = finding_columns(images.targets)
     factors = (repeat_factors(labels[train_idx][:, findings], cfg.repeat_threshold, cfg.max_repeat)
                if cfg.sampling == "repeat" else None)
-    workers = cfg.workers if isinstance(inputs, StreamedInputs) else 0
+    workers = cfg.workers if isinstance(inputs, StreamedInputs) else 0  # validation: decoding only
+    batch_workers = min(cfg.workers, os.cpu_count() or 1)  # training batches: decoding and re-encoding
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -428,9 +450,10 @@ def fit(
         reporter.epoch_start(epoch, cfg.epochs, len(batches))
         set_train_mode(net, cfg.freeze)
         total, seen, correct = 0.0, 0, 0
-        for step, (idx, pixels) in enumerate(iter_batches(inputs, batches, workers, pin_memory=device.type == "cuda")):
-            pixels = reencode_batch(pixels, cfg.reencode, np.random.default_rng([cfg.seed, epoch, step]),
-                                    cfg.input_jpeg_quality)
+        reencoded = functools.partial(_reencoded, cfg=cfg.reencode, seed=cfg.seed, epoch=epoch,
+                                      jpeg_quality=cfg.input_jpeg_quality)
+        for step, (idx, pixels) in enumerate(iter_batches(inputs, batches, batch_workers, transform=reencoded,
+                                                          pin_memory=device.type == "cuda")):
             views = augment(torch.as_tensor(pixels)[:, None], cfg.augment, generator)
             x = to_tensor(list(views[:, 0].numpy()), spec).to(device, non_blocking=True)
             y = torch.from_numpy(labels[idx]).to(device)
@@ -457,7 +480,7 @@ def fit(
         scheduler.step(val_loss)
         row = {"epoch": epoch, "train_loss": total / max(seen, 1), "train_acc": correct / max(seen, 1),
                "val_loss": val_loss, "val_auroc": val_auroc, "lr": optimizer.param_groups[0]["lr"],
-               "seconds": time.time() - t0}
+               "seconds": time.time() - t0, "device": device_name(device)}
         history.append(row)
         if np.isnan(val_auroc):  # a validation side with one class: fall back to the loss
             improved = val_loss < best["loss"]
@@ -476,7 +499,8 @@ def fit(
             torch.save(state, ckpt_dir / "last.pt")
         elif improved:
             best_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        reporter.epoch_end(epoch, {k: v for k, v in row.items() if k != "epoch"} | {"best_epoch": best["epoch"]})
+        scores = {k: v for k, v in row.items() if k not in ("epoch", "device")}
+        reporter.epoch_end(epoch, scores | {"best_epoch": best["epoch"]})
         if on_epoch is not None:
             on_epoch(epoch, row)
 
@@ -663,8 +687,9 @@ def export_bundle(
             "seconds_per_epoch": round(float(np.mean(seconds)), 1) if seconds else 0.0,
             "total_minutes": round((time.time() - started) / 60.0, 1),  # this process: export only when resumed
             "training_minutes": round(float(np.sum(seconds)) / 60.0, 1),  # every epoch, also across resumptions
-            "device": str(device) if device.type != "cpu" else f"cpu ({os.cpu_count()} cores)",
-            "threads": torch.get_num_threads(),
+            # the epochs' devices (a resumed run may have trained elsewhere) and the one that exported the bundle
+            "device": ", ".join(dict.fromkeys(h["device"] for h in history if "device" in h)) or device_name(device),
+            "exported_on": device_name(device),
             "torch": torch.__version__,
             "config": cfg.to_dict(),
             "history": [dict(h) for h in history],

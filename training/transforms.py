@@ -153,7 +153,7 @@ def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
     buffer.seek(0)
     with Image.open(buffer) as img:
         return np.asarray(img.convert("L"))

@@ -8,11 +8,13 @@ Search space (define-by-run):
 - ``sampling``: ``undersample`` (no class weights), or ``none`` with balanced class weights capped at
   ``max_class_weight`` (1 .. 10)
 - ``min_recall`` (the recall floor of the operating threshold rule): 0.90 .. 0.99
+- ``freeze`` (EfficientNet-Lite0 only; leading feature modules kept frozen): 0, 2 or 4
 
 Multi-label (``task = "multilabel"``, e.g. ``--config training/configs/multilabel.toml``): the same learning
-rate, batch size and focal alpha/gamma; ``sampling`` is ``repeat`` (with ``repeat_threshold`` 0.02 .. 0.3 and
-``no_finding_keep`` 0.2 .. 1) or ``none``; balanced class weights always, capped at ``max_class_weight`` (1 .. 10);
-``specificity`` (the validation specificity of the per-target thresholds) 0.85 .. 0.98.
+rate, batch size, focal alpha/gamma and frozen depth; ``sampling`` is ``repeat`` (with ``repeat_threshold``
+0.02 .. 0.3 and ``no_finding_keep`` 0.2 .. 1) or ``none``; balanced class weights always, capped at
+``max_class_weight`` (1 .. 10); ``specificity`` (the validation specificity of the per-target thresholds)
+0.85 .. 0.98.
 
 Each trial trains on the training side of the patient-wise split (optionally a patient subset) and is scored
 on the validation side. Objective (maximised): balanced accuracy (mean of Normal and Pneumonia recall) on one
@@ -47,6 +49,9 @@ from training.train import (
 
 logger = logging.getLogger(__name__)
 
+# EfficientNet-Lite0 modules kept frozen: all trained, the stem + first stage frozen, the stem + three stages frozen
+FREEZE_CHOICES = (0, 2, 4)
+
 
 def patient_subset(images: ImageSet, positions: tuple[int, ...], fraction: float, seed: int) -> tuple[int, ...]:
     """The images of a seeded ``fraction`` of the patients among ``positions`` (whole patients, at least one)."""
@@ -61,7 +66,7 @@ def suggest(trial: Any, base: TrainConfig) -> TrainConfig:
     if base.task == "multilabel":
         return _suggest_multilabel(trial, base)
     sampling = trial.suggest_categorical("sampling", ["undersample", "none"])
-    changes = _suggest_common(trial, sampling, "min_recall", (0.90, 0.99))
+    changes = _suggest_common(trial, base, sampling, "min_recall", (0.90, 0.99))
     if sampling == "none":
         changes["class_weighting"] = "balanced"
         changes["max_class_weight"] = trial.suggest_float("max_class_weight", 1.0, 10.0)
@@ -70,8 +75,10 @@ def suggest(trial: Any, base: TrainConfig) -> TrainConfig:
     return dataclasses.replace(base, **changes)
 
 
-def _suggest_common(trial: Any, sampling: str, rule: str, bounds: tuple[float, float]) -> dict[str, Any]:
-    """Learning rate, batch size, focal gamma/alpha and the threshold rule's parameter, in the study's order."""
+def _suggest_common(trial: Any, base: TrainConfig, sampling: str, rule: str, bounds: tuple[float, float]
+                    ) -> dict[str, Any]:
+    """Learning rate, batch size, focal gamma/alpha, the threshold rule's parameter and (EfficientNet-Lite0) the
+    frozen depth, in the study's order."""
     changes: dict[str, Any] = {
         "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
         "batch_size": trial.suggest_categorical("batch_size", [16, 32, 64]),
@@ -82,12 +89,14 @@ def _suggest_common(trial: Any, sampling: str, rule: str, bounds: tuple[float, f
     }
     use_alpha = trial.suggest_categorical("use_focal_alpha", [False, True])
     changes["focal_alpha"] = trial.suggest_float("focal_alpha", 0.25, 0.75) if use_alpha else None
+    if base.architecture == "efficientnet_lite0":
+        changes["freeze"] = trial.suggest_categorical("freeze", list(FREEZE_CHOICES))
     return changes
 
 
 def _suggest_multilabel(trial: Any, base: TrainConfig) -> TrainConfig:
     sampling = trial.suggest_categorical("sampling", ["repeat", "none"])
-    changes = _suggest_common(trial, sampling, "specificity", (0.85, 0.98))
+    changes = _suggest_common(trial, base, sampling, "specificity", (0.85, 0.98))
     changes["class_weighting"] = "balanced"
     changes["max_class_weight"] = trial.suggest_float("max_class_weight", 1.0, 10.0)
     if sampling == "repeat":

@@ -315,7 +315,7 @@ def as_training_jpeg(values: np.ndarray, quality: int) -> np.ndarray:
 
     eight = np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(eight, mode="L").save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(eight).save(buffer, format="JPEG", quality=quality)
     buffer.seek(0)
     with Image.open(buffer) as picture:
         return np.asarray(picture.convert("L"), dtype=np.float64)

@@ -153,3 +153,27 @@ def test_the_shipped_binary_bundle_has_the_jpeg_quality_of_its_training_pictures
     root = shared_file("kermany")  # skips with its reason where the shared data is absent
     spec = read_bundle(Path(__file__).resolve().parents[2] / "xraybatch" / "bundles" / "pneumonia-binary")
     assert datasets.jpeg_quality_of(scan(root, "kermany", "train"), spec.input.size) == spec.preprocess.jpeg_quality == 75
+
+
+def test_training_batches_are_the_same_made_by_workers_or_in_this_process() -> None:
+    """The re-encoded training batches (what fit() trains on) do not depend on the DataLoader workers that make
+    them: each batch draws its randomness from (seed, epoch, step) alone."""
+    import functools
+
+    from training.train import _reencoded
+    from training.transforms import ReencodeConfig
+
+    rng = np.random.default_rng(3)
+    inputs = rng.random((12, 40, 40), dtype=np.float32)
+    batches = [np.array([0, 5, 7]), np.array([1, 2]), np.array([11, 3, 4, 9]), np.array([6, 8])]
+    step = functools.partial(_reencoded, cfg=ReencodeConfig(probability=1.0, jpeg=1.0), seed=20240601, epoch=2,
+                             jpeg_quality=75)
+    here = list(datasets.iter_batches(inputs, batches, workers=0, transform=step))
+    workers = list(datasets.iter_batches(inputs, batches, workers=2, transform=step))
+    assert [idx.tolist() for idx, _ in workers] == [b.tolist() for b in batches]
+    for (_, a), (_, b), idx in zip(here, workers, batches, strict=True):
+        assert a.shape == (len(idx), 40, 40)
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, inputs[idx])  # the transform ran
+    other_epoch = functools.partial(step.func, **{**step.keywords, "epoch": 3})
+    assert not np.array_equal(next(datasets.iter_batches(inputs, batches, 0, transform=other_epoch))[1], here[0][1])

@@ -68,6 +68,8 @@ def test_one_epoch_writes_a_loadable_bundle(data: Path, config: Path, tmp_path: 
                                f"--epochs 1 --cache-dir {tmp_path / 'cache'}")
     assert prov["split_manifest"] == "split_manifest.csv" and prov["epochs_run"] == 1
     assert prov["git_revision"] and prov["seed"] == TrainConfig().seed
+    assert prov["device"].startswith("cpu (") and prov["exported_on"] == prov["device"]
+    assert [h["device"] for h in prov["history"]] == [prov["device"]]
     assert TrainConfig.from_dict(prov["config"]).input_size == 32
     val = meta["metrics"]["validation"]
     assert set(val["per_class"]) == {"Normal", "Pneumonia"}
@@ -126,6 +128,29 @@ def test_resume_continues_exactly(data: Path, config: Path, tmp_path: Path) -> N
     assert a["weights"]["sha256"] == b["weights"]["sha256"]
 
 
+def test_a_run_trained_elsewhere_is_exported_here_with_its_devices_on_record(data: Path, config: Path,
+                                                                            tmp_path: Path) -> None:
+    """A GPU machine trains, this one exports: --resume of the finished checkpoint runs no epoch, and the card
+    names the device of the epochs and the exporting one; what is only scored after training may differ."""
+    ckpt = tmp_path / "c"
+    _train(data, tmp_path / "there", config, tmp_path / "cache", "--checkpoint-dir", str(ckpt))
+    for name in ("last.pt", "best.pt"):  # as a checkpoint from a GPU machine would read
+        state = torch.load(ckpt / name, map_location="cpu", weights_only=False)
+        state["history"] = [dict(h, device="cuda (Test GPU)") for h in state["history"]]
+        state["config"]["extra_eval"] = []
+        torch.save(state, ckpt / name)
+    out = tmp_path / "here"
+    _train(data, out, config, tmp_path / "cache", "--checkpoint-dir", str(ckpt), "--resume")
+    meta = read_bundle(out).meta
+    prov = meta["provenance"]
+    assert prov["epochs_run"] == 1 and prov["device"] == "cuda (Test GPU)"
+    assert prov["exported_on"].startswith("cpu (")
+    assert "kermany official 'val' split" in meta["metrics"]["extra"]  # scored here, though not there
+    card = (out / "model_card.md").read_text()
+    assert f"on cuda (Test GPU) (exported on {prov['exported_on']})" in card
+    assert "resumed from its checkpoint" in card
+
+
 def test_resume_refuses_other_settings(data: Path, config: Path, tmp_path: Path) -> None:
     _train(data, tmp_path / "b", config, tmp_path / "cache", "--checkpoint-dir", str(tmp_path / "c"))
     result = CliRunner().invoke(train_group, [
@@ -150,12 +175,23 @@ def test_bad_settings_are_click_errors(tmp_path: Path, data: Path) -> None:
     assert result.exit_code == 1 and "Error: invalid training settings" in result.output
 
 
-def test_shipped_config_file_is_the_default() -> None:
-    import tomllib
+def test_train_binary_starts_from_the_recipe_the_shipped_bundle_was_trained_with() -> None:
+    """`xraybatch train binary --data ../shared/data/kermany` (no --config, no flags) resolves to the settings in
+    the shipped bundle's model.json, but for those a run may change without changing the weights."""
+    from training.cli import CONFIGS, resolve_config
+    from training.train import RESUMABLE_CHANGES
+    from xraybatch.models.registry import SHIPPED_BUNDLES
 
-    path = Path(__file__).resolve().parents[2] / "training" / "configs" / "binary.toml"
-    values = tomllib.loads(path.read_text())
-    assert TrainConfig.from_dict(values) == TrainConfig(layout="kermany")
+    now = resolve_config(Path("../shared/data/kermany"), None, {"version": None}, CONFIGS / "binary.toml").to_dict()
+    meta = json.loads((SHIPPED_BUNDLES / "pneumonia-binary" / "model.json").read_text(encoding="utf-8"))
+    shipped = meta["provenance"]["config"]
+    assert sorted(now) == sorted(shipped)
+    differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and json.dumps(now[k]) != json.dumps(shipped[k])
+                    and k != "input_jpeg_quality")
+    assert differ == []
+    assert (now["input_jpeg_quality"], shipped["input_jpeg_quality"]) == (-1, 75)  # read off the pictures
+    assert now["version"] == meta["version"]
+    assert TrainConfig.from_dict({k: v for k, v in now.items() if k != "data"}) != TrainConfig()  # not the defaults
 
 
 def test_cli_module_is_cheap_to_import() -> None:
@@ -202,6 +238,24 @@ def test_model_card_can_be_rebuilt_from_model_json(data: Path, config: Path, tmp
     before = (out / "model_card.md").read_text()
     (out / "model_card.md").unlink()
     assert refresh_model_card(out).read_text() == before
+
+
+def test_a_rebuilt_model_card_keeps_the_input_gate_section(tmp_path: Path) -> None:
+    """`train consistency --write-card` re-renders the card: the gate section `train gate` wrote must stay."""
+    import shutil
+
+    from training.evaluate import refresh_model_card
+    from xraybatch.models.registry import SHIPPED_BUNDLES
+
+    bundle = tmp_path / "nih"
+    bundle.mkdir()
+    shutil.copy(SHIPPED_BUNDLES / "nih-multilabel" / "model.json", bundle / "model.json")
+    gate = json.loads((bundle / "model.json").read_text())["gate"]
+    card = refresh_model_card(bundle).read_text()
+    assert card.count("## Input gate") == 1 and card.rstrip().endswith("(refused)")
+    assert f"| classifier | {gate['scores'][1]['definition']} | {gate['scores'][1]['threshold']} |" in card
+    assert refresh_model_card(bundle).read_text() == card  # idempotent
+    assert card == (SHIPPED_BUNDLES / "nih-multilabel" / "model_card.md").read_text()
 
 
 def test_a_diverging_run_stops_with_a_reason(data: Path, config: Path, tmp_path: Path,

@@ -88,3 +88,22 @@ def test_a_diverging_trial_is_pruned_and_the_study_goes_on(tmp_path: Path, monke
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
     assert "loss is nan" in study.trials[0].user_attrs["diverged"]
+
+
+def test_the_frozen_depth_is_searched_for_efficientnet_only() -> None:
+    import optuna
+
+    from training.train import TrainConfig
+    from training.tune import FREEZE_CHOICES, suggest
+
+    params = {"sampling": "none", "lr": 2e-4, "batch_size": 32, "focal_gamma": 0.6, "min_recall": 0.96,
+              "use_focal_alpha": False, "max_class_weight": 5.0}
+    lite0 = suggest(optuna.trial.FixedTrial({**params, "freeze": 2}), TrainConfig(freeze=4))
+    assert (lite0.freeze, lite0.lr, lite0.class_weighting, lite0.focal_alpha) == (2, 2e-4, "balanced", None)
+    assert set(FREEZE_CHOICES) == {0, 2, 4}
+    cnn = suggest(optuna.trial.FixedTrial(params), TrainConfig(architecture="separable_cnn", freeze=0))
+    assert cnn.freeze == 0  # nothing pretrained to keep: not a parameter of its trials
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    suggest(trial, TrainConfig())
+    assert trial.params["freeze"] in FREEZE_CHOICES
