@@ -67,8 +67,12 @@ def make_copies(source: Path, folder: Path, count: int, prefix: str) -> list[tup
 
 
 @contextmanager
-def daemon(tmp: Path, models: list[Path], watch: dict[str, float], decode_processes: int) -> Iterator[Path]:
-    """Run ``xraybatch watch`` on ``tmp/incoming``; yields the work folder."""
+def daemon(tmp: Path, models: list[Path], watch: dict[str, float], decode_processes: int,
+           workers: int = 0) -> Iterator[Path]:
+    """Run ``xraybatch watch`` on ``tmp/incoming`` (``workers`` 0: watch's default, one per core); yields the work
+    folder once every worker is watching."""
+    from xraybatch.settings import host_worker_count
+
     incoming, work = tmp / "incoming", tmp / "work"
     incoming.mkdir()
     config = tmp / "bench.toml"
@@ -77,7 +81,7 @@ def daemon(tmp: Path, models: list[Path], watch: dict[str, float], decode_proces
         + "".join(f"{k} = {v}\n" for k, v in watch.items())
     )
     argv = [sys.executable, "-m", "xraybatch", "-v", "--log-format", "json", "watch", str(incoming),
-            "--workdir", str(work), "--config", str(config)]
+            "--workdir", str(work), "--config", str(config)] + (["--workers", str(workers)] if workers else [])
     for bundle in models:
         argv += ["--bundle", str(bundle)]
     log = tmp / "daemon.log"
@@ -86,7 +90,7 @@ def daemon(tmp: Path, models: list[Path], watch: dict[str, float], decode_proces
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while "watching " not in log.read_text(errors="replace"):
+        while log.read_text(errors="replace").count('"watching ') < host_worker_count(workers):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the daemon did not start:\n{log.read_text(errors='replace')[-3000:]}")
             time.sleep(0.05)
@@ -123,7 +127,8 @@ def _wait(condition: object, timeout: float, poll: float) -> float:
     return time.perf_counter()
 
 
-def latency(source: Path, models: list[Path], settle: float, drops: int, decode_processes: int) -> list[float]:
+def latency(source: Path, models: list[Path], settle: float, drops: int, decode_processes: int,
+            workers: int = 0) -> list[float]:
     """Seconds from the drop to the SR in the outbox, for ``drops`` single files one after the other."""
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -131,7 +136,7 @@ def latency(source: Path, models: list[Path], settle: float, drops: int, decode_
         staging.mkdir()
         copies = make_copies(source, staging, drops + 1, "single")
         times = []
-        with daemon(tmp, models, {"settle_seconds": settle}, decode_processes) as work:
+        with daemon(tmp, models, {"settle_seconds": settle}, decode_processes, workers) as work:
             incoming, inflight, outbox = tmp / "incoming", work / "inflight", work / "outbox"
             for i, (path, study) in enumerate(copies):
                 start = time.perf_counter()
@@ -147,19 +152,23 @@ def latency(source: Path, models: list[Path], settle: float, drops: int, decode_
         return times
 
 
-def burst(source: Path, models: list[Path], settle: float, count: int, decode_processes: int) -> tuple[float, float]:
+def burst(source: Path, models: list[Path], settle: float, count: int, decode_processes: int,
+          workers: int = 0) -> tuple[float, float]:
     """(seconds from the drop to the last SR, images/s) for ``count`` files renamed in at once."""
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         staging = tmp / "staging"
         staging.mkdir()
-        warm = make_copies(source, staging, 1, "warm")
+        from xraybatch.settings import host_worker_count
+
+        warm = make_copies(source, staging, host_worker_count(workers), "warm")  # one per worker
         copies = make_copies(source, staging, count, "burst")
-        with daemon(tmp, models, {"settle_seconds": settle}, decode_processes) as work:
+        with daemon(tmp, models, {"settle_seconds": settle}, decode_processes, workers) as work:
             incoming, outbox = tmp / "incoming", work / "outbox"
-            os.rename(warm[0][0], incoming / warm[0][0].name)  # lazy imports happen here, outside the clock
+            for path, _ in warm:  # lazy imports happen here, outside the clock
+                os.rename(path, incoming / path.name)
             reports = Reports(outbox)
-            _wait(lambda: reports() >= 1, 120, 0.05)
+            _wait(lambda: reports() >= len(warm), 120, 0.05)
             start = time.perf_counter()
             for path, _ in copies:
                 os.rename(path, incoming / path.name)
@@ -176,7 +185,9 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=100, help="files in the burst (0: skip)")
     parser.add_argument("--burst-settle", type=float, default=2.0, help="settle_seconds for the burst")
     parser.add_argument("--decode-processes", type=int, nargs="+", default=[2],
-                        help="[pipeline] decode_processes values for the burst")
+                        help="[pipeline] decode_processes values for the burst (one worker; several take 1 each)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0],
+                        help="watch --workers values to try (0: watch's default, one per core)")
     args = parser.parse_args()
     source = args.file or Path(get_testdata_file("RG1_UNCR.dcm"))  # a single named file: no download
     with tempfile.TemporaryDirectory() as t:
@@ -186,15 +197,19 @@ def main() -> None:
         print(f"images: {source.name}, {header.Rows}x{header.Columns}, {header.file_meta.TransferSyntaxUID.name}")
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
         print("settings: defaults (poll_seconds 0.5, batch_size 8) except the values shown\n")
-        for settle in args.settle or [2.0, 0.5]:
-            times = latency(source, models, settle, args.drops, 2)
-            print(f"latency drop -> SR, settle_seconds {settle}: median {statistics.median(times):.2f} s "
-                  f"(min {min(times):.2f}, max {max(times):.2f}, n={len(times)})")
-        if args.burst:
-            for processes in args.decode_processes:
-                seconds, rate = burst(source, models, args.burst_settle, args.burst, processes)
-                print(f"burst of {args.burst}, settle_seconds {args.burst_settle}, decode_processes {processes}: "
-                      f"{seconds:.1f} s from the drop to the last SR, {rate:.2f} images/s")
+        from xraybatch.settings import host_worker_count
+
+        for workers in args.workers:
+            label = f"{host_worker_count(workers)} worker(s)" + (" (the default)" if not workers else "")
+            for settle in args.settle or [2.0, 0.5]:
+                times = latency(source, models, settle, args.drops, 2, workers)
+                print(f"{label}: latency drop -> SR, settle_seconds {settle}: median {statistics.median(times):.2f} s "
+                      f"(min {min(times):.2f}, max {max(times):.2f}, n={len(times)})")
+            if args.burst:
+                for processes in args.decode_processes:
+                    seconds, rate = burst(source, models, args.burst_settle, args.burst, processes, workers)
+                    print(f"{label}: burst of {args.burst}, settle_seconds {args.burst_settle}, decode_processes "
+                          f"{processes}: {seconds:.1f} s from the drop to the last SR, {rate:.2f} images/s")
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

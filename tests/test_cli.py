@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -118,6 +119,29 @@ def test_watch_workers_rewrite_starts_single_worker_children(argv: list[str]) ->
     assert child[-2:] == ["--workers", "1"]
     assert "3" not in child and "--workers=3" not in child
     assert [a for a in child[:-2]] == [a for a in argv if a not in ("--workers", "3", "--workers=3")]
+
+
+def test_watch_runs_one_worker_per_core_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --workers and [pipeline] workers = 0: one worker per core, at most one per 2 GiB available, each a
+    `watch ... --workers 1` child of the supervisor; --workers N asks for N."""
+    from xraybatch import daemon, settings
+
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    calls: list[tuple[list[str], int]] = []
+    monkeypatch.setattr(daemon, "run_workers", lambda argv, n, _settings: calls.append((list(argv), n)) or 0)
+    monkeypatch.setattr(settings, "available_cores", lambda: 3)
+    monkeypatch.setattr(settings, "available_memory", lambda: 64 * 1024**3)
+    argv = ["watch", str(incoming), "--workdir", str(tmp_path / "w")]
+    for extra, workers in (([], 3), (["--workers", "2"], 2), (["--workers", "0"], 3)):
+        monkeypatch.setattr(sys, "argv", ["xraybatch", *argv, *extra])
+        result = CliRunner().invoke(main, [*argv, *extra])
+        assert result.exit_code == 0, result.output
+        assert calls.pop() == ([*argv, "--workers", "1"], workers)
+    monkeypatch.setattr(settings, "available_memory", lambda: 5 * 1024**3)  # two workers' worth
+    assert settings.host_worker_count(0) == 2 and settings.host_worker_count(5) == 5
+    monkeypatch.setattr(settings, "available_cores", lambda: 1)
+    assert settings.host_worker_count(0) == 1  # this process is the worker: no supervisor
 
 
 @pytest.mark.parametrize("command", [["status"], ["results", "list"], ["results", "export", "--what", "instances",

@@ -100,6 +100,11 @@ def test_systemd_unit_keeps_the_essentials(name: str) -> None:
     grace = load_settings(environ={}).watch.grace_seconds
     assert int(keys["TimeoutStopSec"][0]) > grace
     assert keys["KillSignal"] == ["SIGTERM"]
+    command = keys["ExecStart"][0].split()
+    if name == "xraybatch-watch@.service":  # each instance is one worker
+        assert command[-2:] == ["--workers", "1"]
+    if name == "xraybatch.service":  # one unit, one worker per core under its supervisor
+        assert "--workers" not in command
 
 
 def test_compose_workers_share_one_volume_for_drop_and_work_folders() -> None:
@@ -109,7 +114,8 @@ def test_compose_workers_share_one_volume_for_drop_and_work_folders() -> None:
     assert {"db", "migrate", "worker-1", "worker-2", "receive", "pacs"} <= set(services)
     for name in ("worker-1", "worker-2"):
         service = services[name]
-        assert service["command"] == ["watch", "/data/incoming", "--send", "dicom://ORTHANC@pacs:4242"]
+        assert service["command"] == ["watch", "/data/incoming", "--send", "dicom://ORTHANC@pacs:4242", "--workers",
+                                      "1"]
         targets = [v.split(":")[1] for v in service["volumes"]]
         assert targets == ["/data"], targets  # /data/incoming and /data/work (the image's workdir) on one mount
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -187,6 +193,9 @@ def test_k8s_manifests_fit_together() -> None:
                     assert ref["key"] in secret["stringData"]
         if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "xraybatch-worker":
             assert pod["terminationGracePeriodSeconds"] > settings.watch.grace_seconds
+            # one worker per pod, scaled by replicas: the default (one per core) would count the node's cores
+            (worker,) = pod["containers"]
+            assert worker["args"][:2] == ["watch", "/data/incoming"] and worker["args"][-2:] == ["--workers", "1"]
     hpa = docs[("HorizontalPodAutoscaler", "xraybatch-worker")]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "xraybatch-worker"
     assert hpa["spec"]["metrics"][0]["external"]["metric"]["name"] == "xraybatch_queue_depth"

@@ -21,7 +21,7 @@ import click
 
 from xraybatch import __version__
 from xraybatch.errors import XrayBatchError
-from xraybatch.settings import Settings, as_toml, load_settings
+from xraybatch.settings import Settings, as_toml, host_worker_count, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -271,14 +271,16 @@ def single_worker_argv(argv: list[str]) -> list[str]:
 
 @main.command("watch")
 @click.argument("incoming", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Worker processes on this host; they share the queue in the results DB.")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Worker processes on this host, each with its own models, sharing the queue in the results DB; "
+                   "0 one per core (at most one per 2 GiB of free memory). Default: [pipeline] workers (0).")
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model bundle directory (repeatable); default: the bundles shipped with xraybatch.")
 @settings_options
 @send_option
 @click.pass_context
-def watch_cmd(ctx: click.Context, incoming: Path, workers: int, bundles: tuple[Path, ...], settings: Settings) -> None:
+def watch_cmd(ctx: click.Context, incoming: Path, workers: int | None, bundles: tuple[Path, ...],
+              settings: Settings) -> None:
     """Process every DICOM file dropped into INCOMING, once, until SIGTERM/SIGINT.
 
     A file is taken when its size and mtime have settled (names like *.part, *.tmp and dot-files are
@@ -303,8 +305,9 @@ def watch_cmd(ctx: click.Context, incoming: Path, workers: int, bundles: tuple[P
             f"the drop folder {incoming} does not exist (or is not a folder): create it, or point "
             "`xraybatch watch` at the folder the DICOM receiver writes to"
         )
-    if workers > 1:
-        sys.exit(_run(lambda: daemon.run_workers(single_worker_argv(sys.argv[1:]), workers, settings)))
+    count = host_worker_count(settings.pipeline.workers if workers is None else workers)
+    if count > 1:
+        sys.exit(_run(lambda: daemon.run_workers(single_worker_argv(sys.argv[1:]), count, settings)))
     supervisor = os.environ.get(daemon.PARENT_PID_VARIABLE, "")
     if supervisor.isdigit():  # a worker of --workers N: die with the supervisor, whatever ends it
         import signal

@@ -69,7 +69,7 @@ class PreprocessConfig:
 class PipelineConfig:
     """How files flow through the stages."""
 
-    workers: int = 0  # run-folder worker processes with their own models; 0 = one per core, batch and 2 GiB free
+    workers: int = 0  # worker processes with their own models (run-folder, watch); 0 = one per core and 2 GiB free
     decode_processes: int = 2  # processes that decode and preprocess in parallel for one worker; 1 = in the worker
     batch_size: int = 8  # images per forward pass
 
@@ -248,13 +248,21 @@ def available_memory() -> int:
         return WORKER_MEMORY * available_cores()
 
 
+def host_worker_count(workers: int) -> int:
+    """Worker processes on this host (``watch``): ``workers``, or for 0 one per core, at most one per
+    :data:`WORKER_MEMORY` of available memory."""
+    if workers > 0:
+        return workers
+    return max(1, min(available_cores(), available_memory() // WORKER_MEMORY))
+
+
 def worker_count(workers: int, files: int, batch_size: int) -> int:
-    """Worker processes for a run of ``files``: ``workers``, or for 0 one per core, at most one per batch and
-    one per :data:`WORKER_MEMORY` of available memory."""
+    """Worker processes for a run of ``files`` (``run-folder``): ``workers``, or for 0 one per core, at most one
+    per batch and one per :data:`WORKER_MEMORY` of available memory."""
     if workers > 0:
         return workers
     batches = max(1, -(-files // max(1, batch_size)))
-    return max(1, min(available_cores(), batches, available_memory() // WORKER_MEMORY))
+    return min(host_worker_count(0), batches)
 
 
 def for_worker(settings: Settings, workers: int) -> Settings:

@@ -293,7 +293,7 @@ def test_end_to_end_receive_watch_send_turns_a_cstore_into_sr_and_sc_in_the_pacs
     incoming.mkdir()
     receive = start("receive", str(incoming), "--port", str(port))
     watch = start("watch", str(incoming), "--workdir", str(work), "--bundle", str(tiny_bundle),
-                  "--send", orthanc.dicom_url)
+                  "--send", orthanc.dicom_url, "--workers", "1")
     try:
         pacs.wait_port(ns, port, proc=receive)  # type: ignore[arg-type]
         # the first file is taken once watch has loaded its models; time the second, sent to a warm worker

@@ -292,7 +292,7 @@ def test_watch_on_a_run_folder_workdir_leaves_its_files_alone(tmp_path: Path, bu
     env = {k: v for k, v in os.environ.items() if not k.startswith("XRAYBATCH_")}
     watcher = subprocess.Popen(
         [sys.executable, "-m", "xraybatch", "--log-format", "json", "watch", str(incoming), "--workdir",
-         str(tmp_path / "work"), "--bundle", str(bundle), "--config", str(config)],
+         str(tmp_path / "work"), "--bundle", str(bundle), "--config", str(config), "--workers", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:

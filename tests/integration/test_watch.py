@@ -119,7 +119,8 @@ class Site:
     def start(self, name: str = "w1", db_url: str | None = None, env: dict[str, str] | None = None,
               extra: tuple[str, ...] = ()) -> Daemon:
         argv = [sys.executable, "-m", "xraybatch", "-v", "--log-format", "json", "watch", str(self.incoming),
-                "--workdir", str(self.workdir), "--db", db_url or self.db_url, "--config", str(self.config), *extra]
+                "--workdir", str(self.workdir), "--db", db_url or self.db_url, "--config", str(self.config),
+                "--workers", "1", *extra]  # one process per daemon here (extra may ask for a supervisor)
         for bundle in self.bundles:
             argv += ["--bundle", str(bundle)]
         environ = {k: v for k, v in os.environ.items() if not k.startswith("XRAYBATCH_")} | (env or {})
