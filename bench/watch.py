@@ -32,6 +32,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from xraybatch.settings import host_worker_count
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "xraybatch" / "bundles"
 
@@ -71,8 +73,6 @@ def daemon(tmp: Path, models: list[Path], watch: dict[str, float], decode_proces
            workers: int = 0) -> Iterator[Path]:
     """Run ``xraybatch watch`` on ``tmp/incoming`` (``workers`` 0: watch's default, one per core); yields the work
     folder once every worker is watching."""
-    from xraybatch.settings import host_worker_count
-
     incoming, work = tmp / "incoming", tmp / "work"
     incoming.mkdir()
     config = tmp / "bench.toml"
@@ -159,8 +159,6 @@ def burst(source: Path, models: list[Path], settle: float, count: int, decode_pr
         tmp = Path(t)
         staging = tmp / "staging"
         staging.mkdir()
-        from xraybatch.settings import host_worker_count
-
         warm = make_copies(source, staging, host_worker_count(workers), "warm")  # one per worker
         copies = make_copies(source, staging, count, "burst")
         with daemon(tmp, models, {"settle_seconds": settle}, decode_processes, workers) as work:
@@ -197,8 +195,6 @@ def main() -> None:
         print(f"images: {source.name}, {header.Rows}x{header.Columns}, {header.file_meta.TransferSyntaxUID.name}")
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
         print("settings: defaults (poll_seconds 0.5, batch_size 8) except the values shown\n")
-        from xraybatch.settings import host_worker_count
-
         for workers in args.workers:
             label = f"{host_worker_count(workers)} worker(s)" + (" (the default)" if not workers else "")
             for settle in args.settle or [2.0, 0.5]:

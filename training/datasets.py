@@ -439,20 +439,18 @@ def iter_batches(inputs: np.ndarray | StreamedInputs, batches: Sequence[Sequence
     DataLoader processes make the batches (decode and transform) ahead of the loop; the result is the same as
     in this process, as long as ``transform`` draws its randomness from ``step`` alone. Without a transform an
     in-memory array is sliced here (nothing to do in parallel)."""
+    made = _Batches(inputs, batches, transform)
     if workers <= 0 or (isinstance(inputs, np.ndarray) and transform is None):
-        for step, idx in enumerate(batches):
-            idx = np.asarray(idx)
-            pixels = np.asarray(inputs[idx])
-            yield idx, transform(step, pixels) if transform is not None else pixels
+        for step, idx in enumerate(made.batches):
+            yield idx, made[step]
         return
     from torch.utils.data import DataLoader
 
     loader: DataLoader[np.ndarray] = DataLoader(
-        _Batches(inputs, batches, transform),  # type: ignore[arg-type]  # a map-style dataset by protocol
-        batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        made, batch_size=None, num_workers=workers, pin_memory=pin_memory,  # type: ignore[arg-type]  # by protocol
         persistent_workers=False, prefetch_factor=4)
-    for idx, pixels in zip(batches, loader, strict=True):
-        yield np.asarray(idx), np.asarray(pixels)
+    for idx, pixels in zip(made.batches, loader, strict=True):
+        yield idx, np.asarray(pixels)
 
 
 class _Batches:

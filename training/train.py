@@ -53,6 +53,7 @@ from xraybatch.infer import Predictor, to_tensor
 from xraybatch.models.findings import NO_FINDING
 from xraybatch.models.nets import XrayNet, build_network
 from xraybatch.models.registry import InputSpec, ModelPreprocess, read_bundle, write_model_json
+from xraybatch.settings import available_cores
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ def fit(
     factors = (repeat_factors(labels[train_idx][:, findings], cfg.repeat_threshold, cfg.max_repeat)
                if cfg.sampling == "repeat" else None)
     workers = cfg.workers if isinstance(inputs, StreamedInputs) else 0  # validation: decoding only
-    batch_workers = min(cfg.workers, os.cpu_count() or 1)  # training batches: decoding and re-encoding
+    batch_workers = min(cfg.workers, available_cores())  # training batches: decoding and re-encoding
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
