@@ -387,8 +387,8 @@ class FolderRun(QueueWorker):
         try:
             if not self._open(migrate):
                 return False
-            with self.beating():
-                try:
+            try:
+                with self.beating():
                     while not self.stop.is_set():
                         if self._maintenance_due():
                             with self._transient("maintenance"):
@@ -403,9 +403,11 @@ class FolderRun(QueueWorker):
                         if left == 0 and (self.intake_done is None or self.intake_done.is_set()):
                             return True
                         self.stop.wait(self.cfg.poll_seconds)  # copies wait for their first copy; intake goes on
-                finally:
-                    with self._transient("signing off"):
-                        self._sign_off()
+            finally:
+                # once the heartbeat thread has stopped (as the daemon does): a beat after the sign-off would
+                # mark the worker alive again
+                with self._transient("signing off"):
+                    self._sign_off()
             return False
         finally:
             if self.processor is not None:
