@@ -6,6 +6,7 @@ checked with dciodvfy (dicom3tools) on synthetic sources, pydicom's test files a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import shutil
@@ -476,6 +477,37 @@ def test_sr_encoded_the_same_with_its_content_marked_as_encoded(
     encoded = _encoded_undated(marked)
     assert encoded == _encoded_undated(unmarked)
     assert pydicom.dcmread(io.BytesIO(encoded)).PatientName == source.PatientName
+
+
+def test_sr_items_shared_between_reports_are_those_built_anew(
+    source: pydicom.Dataset, predictions: tuple[Prediction, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_sr builds the items that depend only on a target, its threshold and its result once per process
+    and shares them between reports: a report is the same, byte for byte, as one built with items of its own,
+    and a later report with the opposite results leaves it as it was and gets its own results."""
+    from xraybatch.writeback import sr as sr_module
+
+    first = build_sr(source, predictions, OutputConfig())
+    encoded = _encoded_undated(first)
+    other = copy.deepcopy(source)
+    other.SOPInstanceUID = source.SOPInstanceUID + ".2"
+    flipped = tuple(
+        dataclasses.replace(p, probabilities=tuple(t + (0.2 if not pos else -0.2) for t, pos in zip(p.thresholds, p.positive)))
+        for p in predictions
+    )
+    second = hd.sr.Comprehensive3DSR.from_dataset(build_sr(other, flipped, OutputConfig()))
+    assert _encoded_undated(first) == encoded
+    for group, (target, positive) in zip(
+        second.content.get_image_measurement_groups(),
+        [(t, pos) for p in flipped for t, pos in zip(p.targets, p.positive)],
+    ):
+        if target == NO_FINDING:
+            continue
+        (evaluation,) = group.get_qualitative_evaluations(name=group.finding_type)
+        assert evaluation.value == (codes.SCT.Present if positive else codes.SCT.Absent), target
+    for name in ("_finding_type", "_threshold", "_evaluations"):  # the same functions, without their cache
+        monkeypatch.setattr(sr_module, name, getattr(sr_module, name).__wrapped__)
+    assert _encoded_undated(build_sr(source, predictions, OutputConfig())) == encoded
 
 
 def _qualitative_container(sr: pydicom.Dataset) -> pydicom.Dataset:

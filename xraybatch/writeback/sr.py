@@ -17,6 +17,7 @@ the Coding Scheme Identification Sequence.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import cast
@@ -66,8 +67,9 @@ PROCEDURE_REPORTED = (codes.SCT.ChestImaging, codes.SCT.PlainRadiography)
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 COMMENT = codes.DCM.Comment  # DCM 121106
 # The concepts every group uses, converted once: highdicom turns a pydicom Code into a CodedConcept on each use,
-# a sixth of the build time of 16 groups. They and the per-report items shared by the groups (the source image
-# reference, each model's algorithm identification) are never modified once built; the writer encodes a shared
+# a sixth of the build time of 16 groups. They, the per-report items shared by the groups (the source image
+# reference, each model's algorithm identification) and the per-process items shared by all reports (each
+# target's finding type, threshold and evaluations) are never modified once built; the writer encodes a shared
 # item in each place it appears, as it would separate copies.
 _PROBABILITY = hd.sr.CodedConcept.from_code(codes.DCM.Probability)
 _THRESHOLD = hd.sr.CodedConcept.from_code(codes.DCM.ThresholdValue)
@@ -275,35 +277,45 @@ def _group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """One TID 1501 group: finding, algorithm, source image, probability, threshold, present/absent.
 
-    ``source_image`` and ``algorithm`` are built once per report (:func:`build_sr`) and shared by its groups.
+    ``source_image`` and ``algorithm`` are built once per report (:func:`build_sr`) and shared by its groups;
+    the items that depend only on the target, its threshold and its result (:func:`_finding_type`,
+    :func:`_threshold`, :func:`_evaluations`) are built once per process and shared by every report.
     """
-    code = finding_code(target)
     key = f"{prediction.model_name}@{prediction.model_version}/{target}"
-    if target == NO_FINDING:
-        finding_type = None
-        evaluations = (
-            [hd.sr.QualitativeEvaluation(name=_concept(IMPRESSION), value=_concept(NO_ABNORMALITY))]
-            if positive
-            else []
-        )
-    else:
-        finding_type = code
-        evaluations = [
-            hd.sr.QualitativeEvaluation(name=code, value=_PRESENT if positive else _ABSENT)
-        ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derive_uid(root, "tracking", str(source.SOPInstanceUID), key), identifier=key
         ),
-        finding_type=finding_type,
+        finding_type=_finding_type(target),
         algorithm_id=algorithm,
         source_images=[source_image],
         measurements=[
             hd.sr.Measurement(name=_PROBABILITY, value=round(float(probability), 4), unit=_NO_UNITS),
-            hd.sr.Measurement(name=_THRESHOLD, value=round(float(threshold), 4), unit=_NO_UNITS),
+            _threshold(round(float(threshold), 4)),
         ],
-        qualitative_evaluations=evaluations or None,
+        qualitative_evaluations=list(_evaluations(target, positive)) or None,
     )
+
+
+@functools.cache
+def _finding_type(target: str) -> hd.sr.CodedConcept | None:
+    """The group's Finding Type: the target's code; none for "No Finding", which is not a finding."""
+    return None if target == NO_FINDING else finding_code(target)
+
+
+@functools.cache
+def _threshold(value: float) -> hd.sr.Measurement:
+    """The operating threshold as a NUM item (shared: it is the same in every report of a model)."""
+    return hd.sr.Measurement(name=_THRESHOLD, value=value, unit=_NO_UNITS)
+
+
+@functools.cache
+def _evaluations(target: str, positive: bool) -> tuple[hd.sr.QualitativeEvaluation, ...]:
+    """Present or Absent for a finding; "Impression = No abnormality" for a positive "No Finding", else none."""
+    if target == NO_FINDING:
+        return (hd.sr.QualitativeEvaluation(name=_concept(IMPRESSION), value=_concept(NO_ABNORMALITY)),) if (
+            positive) else ()
+    return (hd.sr.QualitativeEvaluation(name=finding_code(target), value=_PRESENT if positive else _ABSENT),)
 
 
 def _without_items(root: Dataset) -> Dataset:
