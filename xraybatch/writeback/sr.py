@@ -312,10 +312,12 @@ def _threshold(value: float) -> hd.sr.Measurement:
 @functools.cache
 def _evaluations(target: str, positive: bool) -> tuple[hd.sr.QualitativeEvaluation, ...]:
     """Present or Absent for a finding; "Impression = No abnormality" for a positive "No Finding", else none."""
-    if target == NO_FINDING:
-        return (hd.sr.QualitativeEvaluation(name=_concept(IMPRESSION), value=_concept(NO_ABNORMALITY)),) if (
-            positive) else ()
-    return (hd.sr.QualitativeEvaluation(name=finding_code(target), value=_PRESENT if positive else _ABSENT),)
+    finding = _finding_type(target)
+    if finding is not None:
+        return (hd.sr.QualitativeEvaluation(name=finding, value=_PRESENT if positive else _ABSENT),)
+    if positive:
+        return (hd.sr.QualitativeEvaluation(name=_concept(IMPRESSION), value=_concept(NO_ABNORMALITY)),)
+    return ()
 
 
 def _without_items(root: Dataset) -> Dataset:
