@@ -16,8 +16,8 @@ What is measured, for each input:
 
 (a) **floor**: the work no pipeline can skip: decode, preprocess (the display image and each bundle's model
     input) and both forward passes in batches of ``[pipeline] batch_size``, one process per core, each with one
-    torch thread, over the copies split between the processes; timed from the moment every process has loaded
-    its models.
+    torch thread, over the copies split equally between the processes; timed from the moment every process has
+    loaded its models.
 (b) **run-folder**: ``xraybatch run-folder`` with the default settings (one worker per core), as a user runs it,
     in its own process with a fresh SQLite DB; every output written (SR, SC, parametric maps). Timed from the
     first claim to the last result in the DB (the models' loading is reported apart, as start-up).
@@ -107,15 +107,19 @@ def _floor_ready(_: int) -> int:
     return os.getpid()
 
 
-def _floor_batch(paths: list[Path]) -> tuple[int, float]:
+def _floor_share(share: tuple[list[Path], int]) -> tuple[int, float]:
+    """One process's share of the floor: its files in batches of ``batch_size``."""
     from xraybatch import ingest
     from xraybatch.pipeline import _decode
 
     settings, predictors, plans = _floor_state["settings"], _floor_state["predictors"], _floor_state["plans"]
-    prepared = [_decode(ingest.read_header(p, settings.ingest)[0], settings.preprocess, plans) for p in paths]
-    for predictor in predictors:
-        plan = (predictor.spec.preprocess, predictor.spec.input.size)
-        predictor.to_predictions(predictor.forward([item.inputs[plan] for item in prepared]))
+    paths, batch_size = share
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start: start + batch_size]
+        prepared = [_decode(ingest.read_header(p, settings.ingest)[0], settings.preprocess, plans) for p in batch]
+        for predictor in predictors:
+            plan = (predictor.spec.preprocess, predictor.spec.input.size)
+            predictor.to_predictions(predictor.forward([item.inputs[plan] for item in prepared]))
     return len(paths), peak_rss_mb()
 
 
@@ -124,14 +128,16 @@ def floor(paths: list[Path], bundles: tuple[str, ...], batch_size: int, backend:
     from xraybatch.settings import available_cores
 
     cores = available_cores()
-    batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
+    # An equal share per process, so that no process idles at the end while another finishes a last batch
+    # (15 batches of 8 over two processes would leave one of them a batch behind).
+    shares = [(paths[i::cores], batch_size) for i in range(cores)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(cores, initializer=_floor_init, initargs=(bundles, backend, onnx_folder)) as pool:
         ready: set[int] = set()
         while len(ready) < cores:  # every process has loaded its models (the initializer runs before any task)
             ready |= set(pool.map(_floor_ready, range(cores * 4), chunksize=1))
         start = time.perf_counter()
-        results = pool.map(_floor_batch, batches, chunksize=1)
+        results = pool.map(_floor_share, shares, chunksize=1)
         seconds = time.perf_counter() - start
     return {"images_per_s": sum(n for n, _ in results) / seconds, "seconds": seconds, "processes": cores,
             "peak_rss_mb": max(rss for _, rss in results)}
@@ -323,9 +329,11 @@ def main() -> None:
                 report["inputs"][name] = {"left_out": f"{SHARED_JPEG} is absent"}
                 continue
             paths = make_copies(source, tmp / name, args.copies)
-            floors = [floor(paths, bundles, batch, args.backend, onnx_folder) for _ in range(args.repeat)]
-            runs = [run_folder(tmp / name, tmp / f"{name}-work{r}", bundles, args.run_folder_arg, args.backend,
-                               onnx_folder) for r in range(args.repeat)]
+            floors, runs = [], []
+            for r in range(args.repeat):  # (a) and (b) in turn, so that a slow spell of the machine hits both
+                floors.append(floor(paths, bundles, batch, args.backend, onnx_folder))
+                runs.append(run_folder(tmp / name, tmp / f"{name}-work{r}", bundles, args.run_folder_arg,
+                                       args.backend, onnx_folder))
             naive_run = naive(paths[: args.naive_copies], bundles, tmp / f"{name}-naive") if args.naive_copies else {}
             f = statistics.median(x["images_per_s"] for x in floors)
             b = statistics.median(x["images_per_s"] for x in runs)

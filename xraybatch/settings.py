@@ -71,7 +71,7 @@ class PipelineConfig:
 
     workers: int = 0  # worker processes with their own models (run-folder, watch); 0 = one per core and 2 GiB free
     decode_processes: int = 2  # processes that decode and preprocess in parallel for one worker; 1 = in the worker
-    batch_size: int = 8  # images per forward pass
+    batch_size: int = 8  # images per claim and forward pass (fewer as the queue drains: shared by the workers)
 
 
 BACKENDS = ("torch", "onnxruntime")

@@ -362,6 +362,27 @@ def test_claims_never_overlap_and_take_the_oldest_first(queue_db: sessionmaker[S
         assert queue.depth(s) == 0
 
 
+def test_the_last_batches_are_shared_among_the_workers_that_hold_rows(queue_db: sessionmaker[Session]) -> None:
+    _enqueue(queue_db, 26)
+    held: dict[str, list[int]] = {"host:1:a": [], "host:1:b": []}
+    sizes = []
+    with queue_db() as s:
+        for worker in ("host:1:a", "host:1:b") * 3:  # each ends its batch, then claims; the other's batch runs
+            for row_id in held[worker]:
+                assert repo.finish(s, row_id, Outcome(Path("/in"), State.REJECTED, "test"), worker_id=worker)
+            held[worker] = [c.instance_id for c in queue.claim_batch(s, worker, 8, 60)]
+            sizes.append(len(held[worker]))
+    # a full batch while the queue holds one for everyone, then half of what is left each, rounded up
+    # (26 queued: a 8, b 8; 10 left: a 5; 5 left: b 3; 2 left: a 1; 1 left: b 1)
+    assert sizes == [8, 8, 5, 3, 1, 1]
+
+
+def test_a_worker_alone_takes_a_full_batch_or_what_is_queued(queue_db: sessionmaker[Session]) -> None:
+    _enqueue(queue_db, 11)
+    with queue_db() as s:
+        assert [len(queue.claim_batch(s, "host:1:a", 8, 60)) for _ in range(3)] == [8, 3, 0]
+
+
 @pytest.mark.parametrize("first_ends", ["rejected", "failed", "done"])
 def test_a_later_copy_waits_for_the_first_and_runs_only_if_that_one_did_not_end_done(
     queue_db: sessionmaker[Session], first_ends: str
@@ -413,7 +434,7 @@ def test_claims_of_copies_racing_from_several_workers_take_one_copy_at_a_time(
 
 
 def test_the_heartbeat_renews_leases_and_a_silent_worker_loses_them(queue_db: sessionmaker[Session]) -> None:
-    _enqueue(queue_db, 4)
+    _enqueue(queue_db, 6)  # two batches of 2, and 2 more: enough that the second claim takes a full batch
     with queue_db() as s:
         alive = queue.claim_batch(s, "host:1:alive", 2, 0.2)
         silent = queue.claim_batch(s, "host:2:silent", 2, 0.2)

@@ -510,6 +510,34 @@ def test_sr_items_shared_between_reports_are_those_built_anew(
     assert _encoded_undated(build_sr(source, predictions, OutputConfig())) == encoded
 
 
+def test_highdicom_iod_lookups_are_remembered_and_answer_as_before() -> None:
+    """Importing the write-back gives every highdicom module that uses ``is_attribute_in_iod`` one cached
+    function, which answers each question as highdicom's own does and looks it up once."""
+    from highdicom import _standard_utils, base
+    from highdicom.sr import content
+
+    cached = _standard_utils.is_attribute_in_iod
+    original = cached.__wrapped__
+    assert base.is_attribute_in_iod is cached and content.is_attribute_in_iod is cached
+    cr, pm, sr = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.88.34"
+    questions = [
+        ("PixelData", cr, ["IconImageSequence"]),  # True
+        ("NumberOfFrames", cr, None),  # False: CR is a single-frame IOD
+        ("NumberOfFrames", pm, None),  # True
+        ("FloatPixelData", pm, ["IconImageSequence"]),  # True
+        ("PixelData", sr, ["IconImageSequence"]),  # False
+        ("ContentDate", sr, None),  # True
+    ]
+    answers = [original(a, uid, exclude) for a, uid, exclude in questions]
+    assert answers == [True, False, True, True, False, True]
+    assert [cached(a, uid, exclude) for a, uid, exclude in questions] == answers
+    cached.cached.cache_clear()
+    for _ in range(3):
+        assert cached("NumberOfFrames", pm) is True
+    info = cached.cached.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
 def _qualitative_container(sr: pydicom.Dataset) -> pydicom.Dataset:
     (container,) = [
         item

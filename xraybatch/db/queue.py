@@ -95,6 +95,9 @@ def claim_batch(
     materialised CTE. (Not ``id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)``: the planner may rescan that
     subquery, and each rescan skips the rows just updated and locks the next ``n``, so one claim took the whole
     queue.) On SQLite the single ``UPDATE`` is serialised by the database lock and its ``IN`` subquery runs once.
+
+    As the queue drains, a claim takes no more than this worker's share (:func:`fair_share`): the last batches
+    are split among the workers instead of one worker taking a full batch while the others go idle.
     """
     now = utcnow()
     other = aliased(Instance)
@@ -107,32 +110,59 @@ def claim_batch(
         select(Instance.id)
         .where(Instance.state == State.QUEUED.value, Instance.source.in_(sources), ~busy_or_earlier)
         .order_by(Instance.id)
-        .limit(limit)
     )
     postgres = session.get_bind().dialect.name == "postgresql"
-    if postgres:
-        picked = candidates.with_for_update(skip_locked=True, of=Instance).cte("picked").prefix_with("MATERIALIZED")
-        chosen = Instance.id == picked.c.id
-    else:
-        chosen = Instance.id.in_(candidates.scalar_subquery())
-    stmt = (
-        update(Instance)
-        .where(chosen, Instance.state == State.QUEUED.value)
-        .values(
-            state=State.PROCESSING.value, worker_id=worker_id, attempts=Instance.attempts + 1, started_at=now,
-            lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now,
-        )
-        .returning(Instance.id, Instance.path, Instance.file_path, Instance.attempts, Instance.source)
-        .execution_options(synchronize_session=False)
-    )
     with guard(session, "claim queued instances"):
         if postgres:
             session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+        candidates = candidates.limit(fair_share(session, worker_id, limit, sources))
+        if postgres:
+            picked = candidates.with_for_update(skip_locked=True, of=Instance).cte("picked").prefix_with("MATERIALIZED")
+            chosen = Instance.id == picked.c.id
+        else:
+            chosen = Instance.id.in_(candidates.scalar_subquery())
+        stmt = (
+            update(Instance)
+            .where(chosen, Instance.state == State.QUEUED.value)
+            .values(
+                state=State.PROCESSING.value, worker_id=worker_id, attempts=Instance.attempts + 1, started_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now,
+            )
+            .returning(Instance.id, Instance.path, Instance.file_path, Instance.attempts, Instance.source)
+            .execution_options(synchronize_session=False)
+        )
         rows = session.execute(stmt).all()
         session.commit()
     return sorted(
         (Claimed(r.id, r.path, path_from_db(r.file_path or r.path), r.attempts, r.source) for r in rows), key=lambda c: c.instance_id
     )
+
+
+def fair_share(session: Session, worker_id: str, limit: int, sources: tuple[str, ...]) -> int:
+    """How many rows a claim of ``worker_id`` takes: ``limit``, or fewer when the queue is nearly drained.
+
+    The queued rows of ``sources`` are divided among this worker and the other workers that hold rows of them
+    (their batch runs; they claim again when it ends), rounded up: with two workers and 8 rows left, each
+    takes 4, not one worker 8 while the other waits. At least 1. A full batch per claim otherwise: the
+    forward passes run batched.
+
+    On SQLite this read does not hold the claim's lock: a race makes a claim a little larger or smaller, never
+    wrong (the claim's ``UPDATE`` decides which rows it gets).
+    """
+    peers = session.scalar(
+        select(func.count(func.distinct(Instance.worker_id))).where(
+            Instance.state == State.PROCESSING.value, Instance.source.in_(sources), Instance.worker_id != worker_id,
+        )
+    ) or 0
+    workers = peers + 1
+    queued_rows = (
+        select(Instance.id)
+        .where(Instance.state == State.QUEUED.value, Instance.source.in_(sources))
+        .limit(limit * workers)  # enough to tell whether the share is less than a full batch
+        .subquery()
+    )
+    queued = session.scalar(select(func.count()).select_from(queued_rows)) or 0
+    return max(1, min(limit, -(-queued // workers)))
 
 
 def pending(session: Session, source: str) -> int:

@@ -249,33 +249,41 @@ def finish(session: Session, instance_id: int, outcome: Outcome, *, worker_id: s
             )
             return False
         session.execute(delete(PredictionRow).where(PredictionRow.instance_id == instance_id))
-        session.add_all(
-            PredictionRow(
-                instance_id=instance_id,
-                model_name=p.model_name,
-                model_version=p.model_version,
-                target=target,
-                probability=float(prob),
-                threshold=float(threshold),
-                positive=bool(positive),
-                created_at=now,
-            )
+        # One statement for the predictions and one for the outputs, on the tables (Core), instead of an ORM
+        # object or a statement per row: about half the CPU time of storing the result of an image.
+        predictions = [
+            {
+                "instance_id": instance_id,
+                "model_name": p.model_name,
+                "model_version": p.model_version,
+                "target": target,
+                "probability": float(prob),
+                "threshold": float(threshold),
+                "positive": bool(positive),
+                "created_at": now,
+            }
             for p in outcome.predictions
             for target, prob, threshold, positive in zip(p.targets, p.probabilities, p.thresholds, p.positive)
-        )
-        for out in outcome.outputs:
-            values = {
-                "instance_id": instance_id,
-                "kind": out.kind,
-                "sop_instance_uid": out.sop_instance_uid,
-                "series_instance_uid": out.series_instance_uid,
-                "path": str(out.path),
-            }
-            session.execute(
-                insert(OutputRow)
-                .values(**values, sent_state="not_sent", created_at=now)
-                .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
-            )
+        ]
+        if predictions:
+            session.execute(insert(PredictionRow.__table__), predictions)
+        if outcome.outputs:
+            outputs = insert(OutputRow.__table__).values([
+                {
+                    "instance_id": instance_id,
+                    "kind": out.kind,
+                    "sop_instance_uid": out.sop_instance_uid,
+                    "series_instance_uid": out.series_instance_uid,
+                    "path": str(out.path),
+                    "sent_state": "not_sent",
+                    "created_at": now,
+                }
+                for out in outcome.outputs
+            ])
+            replaced = ("instance_id", "kind", "series_instance_uid", "path")  # a re-processed output keeps its row
+            session.execute(outputs.on_conflict_do_update(
+                index_elements=["sop_instance_uid"], set_={c: outputs.excluded[c] for c in replaced},
+            ))
         session.commit()
     return True
 

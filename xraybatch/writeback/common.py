@@ -62,6 +62,44 @@ IDENTITY = (
 )
 
 
+def remember_iod_lookups() -> None:
+    """Let highdicom look up once whether an IOD has an attribute, not on every object it builds.
+
+    highdicom's ``is_attribute_in_iod`` answers by walking every attribute of every module of the IOD (about
+    4 ms for a CR image), and its constructors ask it several times per object: whether the source has pixel
+    data, whether an IOD is multi-frame, which date attributes it has. The answer depends only on the
+    arguments and highdicom's own tables of the standard, so each question is answered once per process
+    (``functools.cache``). Every highdicom module that imported the function by name gets the cached one; a
+    highdicom without this private function is left as it is.
+    """
+    import functools
+    import sys
+
+    utils = sys.modules.get("highdicom._standard_utils")
+    original = getattr(utils, "is_attribute_in_iod", None)
+    if original is None or hasattr(original, "cached"):
+        return
+
+    @functools.cache
+    def cached(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
+        return bool(original(attribute, sop_class_uid, list(exclude) if exclude is not None else None))
+
+    @functools.wraps(original)
+    def is_attribute_in_iod(
+        attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
+    ) -> bool:
+        exclude = tuple(exclude_path_elements) if exclude_path_elements is not None else None
+        return cached(attribute, str(sop_class_uid), exclude)
+
+    is_attribute_in_iod.cached = cached  # type: ignore[attr-defined]
+    for name, module in list(sys.modules.items()):
+        if name.startswith("highdicom") and getattr(module, "is_attribute_in_iod", None) is original:
+            module.is_attribute_in_iod = is_attribute_in_iod  # type: ignore[attr-defined]
+
+
+remember_iod_lookups()
+
+
 class OutputUids(NamedTuple):
     """The UIDs of one output object."""
 

@@ -76,6 +76,7 @@ _THRESHOLD = hd.sr.CodedConcept.from_code(codes.DCM.ThresholdValue)
 _NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
 _PRESENT = hd.sr.CodedConcept.from_code(codes.SCT.Present)
 _ABSENT = hd.sr.CodedConcept.from_code(codes.SCT.Absent)
+_ENCODED = (False, True)  # (implicit VR, little endian): the SR's explicit VR little endian, see _as_encoded
 
 
 def build_sr(
@@ -347,10 +348,15 @@ def _as_encoded(items: Sequence[Dataset]) -> None:
     time. The content items are built here (no element read from a file, none of ambiguous VR), and the
     correction of the document itself still walks the whole tree once; ``Dataset.set_original_encoding`` is
     pydicom's way to say so. A test checks that the encoded document is the same byte for byte.
+
+    An item already marked has had its whole subtree marked with it: the items shared between reports (three
+    quarters of a report's items, see :func:`_group`) are walked once per process, not once per report.
     """
     stack: list[Dataset] = list(items)
     while stack:
         item = stack.pop()
+        if item.original_encoding == _ENCODED:
+            continue
         item.set_original_encoding(False, True, default_encoding)
         for element in item.elements():
             if element.VR == "SQ":
