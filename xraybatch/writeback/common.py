@@ -65,9 +65,9 @@ IDENTITY = (
 def remember_iod_lookups() -> None:
     """Let highdicom look up once whether an IOD has an attribute, not on every object it builds.
 
-    highdicom's ``is_attribute_in_iod`` answers by walking every attribute of every module of the IOD (about
-    4 ms for a CR image), and its constructors ask it several times per object: whether the source has pixel
-    data, whether an IOD is multi-frame, which date attributes it has. The answer depends only on the
+    highdicom's ``is_attribute_in_iod`` answers by walking the attributes of the IOD's modules (up to 4 ms a
+    question for a CR image), and its constructors ask it several times per object, about 20 times per image:
+    whether the source has pixel data, whether an IOD is multi-frame, which date attributes it has. The answer depends only on the
     arguments and highdicom's own tables of the standard, so each question is answered once per process
     (``functools.cache``). Every highdicom module that imported the function by name gets the cached one; a
     highdicom without this private function is left as it is.
