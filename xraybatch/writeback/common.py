@@ -67,10 +67,10 @@ def remember_iod_lookups() -> None:
 
     highdicom's ``is_attribute_in_iod`` answers by walking the attributes of the IOD's modules (up to 4 ms a
     question for a CR image), and its constructors ask it several times per object, about 20 times per image:
-    whether the source has pixel data, whether an IOD is multi-frame, which date attributes it has. The answer depends only on the
-    arguments and highdicom's own tables of the standard, so each question is answered once per process
-    (``functools.cache``). Every highdicom module that imported the function by name gets the cached one; a
-    highdicom without this private function is left as it is.
+    whether the source has pixel data, whether an IOD is multi-frame, which date attributes it has. The
+    answer depends only on the arguments and highdicom's own tables of the standard, so each question is
+    answered once per process (``functools.cache``). Every highdicom module that imported the function by name
+    gets the cached one; a highdicom without this private function is left as it is.
     """
     import functools
     import sys
