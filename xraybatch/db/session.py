@@ -153,12 +153,24 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
         cursor.close()
 
 
+class _Session(Session):
+    """A session whose close survives a connection that died: the unit of work already failed (``guard`` raised
+    PersistError for it), and the rollback that closing runs on the dead connection would otherwise replace that
+    error with a raw ``OperationalError``, which no worker treats as a transient fault."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OperationalError as err:  # SQLAlchemy has invalidated the connection; the pool discards it
+            logger.debug("closing a session on a lost connection: %s", _first_line(err.orig), extra={"stage": "db"})
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """A session factory for ``engine``; objects stay readable after commit (``expire_on_commit=False``).
 
     Use one short-lived session per unit of work: ``with factory() as session: repo.claim(session, ...)``.
     """
-    return sessionmaker(engine, expire_on_commit=False)
+    return sessionmaker(engine, class_=_Session, expire_on_commit=False)
 
 
 def check_connection(engine: Engine) -> None:
